@@ -1,0 +1,301 @@
+"""Typed, validated configuration: model specs, loss, optimizer, training, experiment.
+
+Configs are frozen pydantic models that refuse unknown fields. YAML (and `--set a.b=value` dot
+overrides) come in at the edge; `to_dict()` / `flatten()` give plain dicts for MLflow params and Ray.
+This module is a leaf: it imports no other scalelab module and no framework.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "ConfigError",
+    "ExperimentConfig",
+    "Frozen",
+    "ImageTowerConfig",
+    "LossConfig",
+    "ModelConfig",
+    "ModelSpec",
+    "OptimConfig",
+    "TextTowerConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "deep_merge",
+    "flatten",
+    "format_validation_error",
+    "load_experiment",
+    "parse_overrides",
+]
+
+CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+class ConfigError(ValueError):
+    """A configuration was refused. The message names the field and what is allowed."""
+
+
+class Frozen(BaseModel):
+    """Base of every config: immutable, unknown fields refused, defaults validated."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, protected_namespaces=())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (JSON types only), suitable for YAML, Ray and MLflow."""
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------- model axis
+class ImageTowerConfig(Frozen):
+    """Image tower: any timm backbone (built with pretrained=False, num_classes=0) plus a projection."""
+
+    timm_name: str = Field(description="timm model name, e.g. 'vit_tiny_patch16_224', 'coatnet_0_rw_224'.")
+    timm_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra keyword arguments for timm.create_model (embed_dim, depth, patch_size, ...).",
+    )
+    image_size: int = Field(gt=0, description="Input resolution in pixels (square images).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="timm drop_rate (dropout before the head).")
+    drop_path: float = Field(0.0, ge=0.0, lt=1.0, description="timm drop_path_rate (stochastic depth).")
+    norm: Literal["batch", "group"] = Field(
+        "batch",
+        description="'batch' keeps the backbone's BatchNorm layers; 'group' swaps each for a per-sample "
+        "GroupNorm so that the gradient cache is exact (BatchNorm couples samples of a micro-batch).",
+    )
+
+
+class TextTowerConfig(Frozen):
+    """Text tower: a pre-norm Transformer encoder over token ids (0 = padding), masked-mean pooled."""
+
+    vocab_size: int = Field(gt=1, description="Number of token ids, padding id 0 included.")
+    context_length: int = Field(gt=0, description="Maximum number of tokens per caption.")
+    width: int = Field(gt=0, description="Model width (embedding size).")
+    depth: int = Field(gt=0, description="Number of Transformer blocks.")
+    heads: int = Field(gt=0, description="Attention heads; must divide width.")
+    mlp_ratio: float = Field(4.0, gt=0, description="Hidden size of the MLP as a multiple of width.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout in attention, MLP and embeddings.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> TextTowerConfig:
+        if self.width % self.heads:
+            raise ValueError(f"text.heads={self.heads} must divide text.width={self.width}")
+        return self
+
+
+class ModelSpec(Frozen):
+    """A complete dual-encoder description: what a preset resolves to."""
+
+    name: str = Field(description="Preset name this spec came from (or 'custom').")
+    image: ImageTowerConfig
+    text: TextTowerConfig
+    embed_dim: int = Field(gt=0, description="Shared embedding dimension of both projections.")
+    init_logit_scale: float = Field(
+        CLIP_INIT_LOGIT_SCALE, description="Initial log temperature scale (CLIP: ln(1/0.07))."
+    )
+    logit_bias: bool = Field(False, description="Add a learnable logit bias (needed by the sigmoid loss).")
+    init_logit_bias: float = Field(-10.0, description="Initial logit bias (SigLIP: -10).")
+    grad_checkpointing: bool = Field(
+        False, description="Activation checkpointing inside both towers (recompute blocks in backward)."
+    )
+
+    @property
+    def image_size(self) -> int:
+        return self.image.image_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text.vocab_size
+
+    @property
+    def context_length(self) -> int:
+        return self.text.context_length
+
+
+class ModelConfig(Frozen):
+    """The model axis of an experiment: a named preset plus optional overrides of its spec."""
+
+    preset: str = Field("tiny", description="Preset name; `scalelab models` lists them.")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Partial ModelSpec merged into the preset, e.g. {text: {dropout: 0.1}}.",
+    )
+
+
+# --------------------------------------------------------------------------- loss / optim / train
+class LossConfig(Frozen):
+    """The contrastive objective."""
+
+    kind: Literal["softmax", "sigmoid"] = Field(
+        "softmax", description="'softmax' (CLIP/ALIGN/BASIC symmetric InfoNCE) or 'sigmoid' (SigLIP)."
+    )
+    block_size: int | None = Field(
+        None, gt=0, description="Tile size of the tiled loss (memory O(B*block)); None = dense BxB matrix."
+    )
+
+
+class OptimConfig(Frozen):
+    """Optimizer and learning-rate schedule."""
+
+    name: Literal["adamw", "adafactor"] = Field("adamw", description="AdamW, or Adafactor (BASIC).")
+    lr: float = Field(5e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.1, ge=0, description="Decoupled weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.98), description="Adam betas.")
+    eps: float = Field(1e-6, gt=0, description="Adam epsilon.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps before cosine decay.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final lr as a fraction of the peak.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Global gradient-norm clip; None disables.")
+
+
+class TrainConfig(Frozen):
+    """One training run: batch geometry, length, precision, seeds."""
+
+    global_batch: int = Field(256, gt=0, description="Global contrastive batch B (all workers together).")
+    micro_batch_size: int = Field(64, gt=0, description="Image micro-batch of the gradient cache.")
+    text_micro_batch_size: int | None = Field(
+        None, gt=0, description="Text micro-batch (defaults to micro_batch_size)."
+    )
+    steps: int = Field(100, gt=0, description="Optimizer steps.")
+    seed: int = Field(0, description="Seed of parameters, data order and dropout.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="Training precision.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    num_workers: int = Field(1, gt=0, description="Ray Train workers (data-parallel ranks).")
+
+
+class ExperimentConfig(Frozen):
+    """Everything one training run needs."""
+
+    name: str = Field("experiment", description="Run name (checkpoints and MLflow run are found by it).")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _batch_geometry(self) -> ExperimentConfig:
+        t = self.train
+        if t.global_batch % t.num_workers:
+            raise ValueError(
+                f"train.global_batch={t.global_batch} must be divisible by train.num_workers={t.num_workers}"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------- YAML and overrides
+def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursively merge `update` into a copy of `base` (mappings merge, everything else replaces)."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """Turn ['a.b=1', 'c=[1,2]'] into a nested dict; values are parsed as YAML scalars/lists."""
+    nested: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        parts = key.strip().split(".")
+        if any(not p for p in parts):
+            raise ConfigError(f"override {item!r} has an empty key segment")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override of {part!r}")
+        node[parts[-1]] = value
+    return nested
+
+
+def apply_overrides(data: Mapping[str, Any], items: Iterable[str]) -> dict[str, Any]:
+    """Apply `--set a.b=value` overrides to a nested dict."""
+    return deep_merge(data, parse_overrides(items))
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    """One line per problem: the dotted field path, what was given, and what is allowed."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+        where = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "config"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; allowed fields are listed by the config's schema)"
+            parent = _model_at(err.title, e["loc"][:-1])
+            if parent is not None:
+                msg = f"unknown field; allowed: {', '.join(sorted(parent.model_fields))}"
+        elif e["type"] not in {"value_error", "assertion_error"} and "input" in e:
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"{where}: {msg}")
+    return "; ".join(lines)
+
+
+_CONFIG_CLASSES: dict[str, type[BaseModel]] = {}
+
+
+def _model_at(title: str, loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """Find the config class at a location inside the model named `title` (for 'allowed' lists)."""
+    cls = _CONFIG_CLASSES.get(title)
+    for part in loc:
+        if cls is None or not isinstance(part, str) or part not in cls.model_fields:
+            return None
+        ann = cls.model_fields[part].annotation
+        cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return cls
+
+
+def _register_config_classes() -> None:
+    for cls in (ExperimentConfig, ModelConfig, ModelSpec, ImageTowerConfig, TextTowerConfig,
+                LossConfig, OptimConfig, TrainConfig):
+        _CONFIG_CLASSES[cls.__name__] = cls
+
+
+_register_config_classes()
+
+
+def validate(cls: type[Frozen], data: Mapping[str, Any], prefix: str = "") -> Any:
+    """Build `cls` from a dict, turning pydantic's error into one clear ConfigError."""
+    try:
+        return cls.model_validate(dict(data))
+    except ValidationError as err:
+        raise ConfigError(f"invalid {cls.__name__}: {format_validation_error(err, prefix)}") from None
+
+
+def load_experiment(path: str | Path | None = None, overrides: Iterable[str] = ()) -> ExperimentConfig:
+    """Load an experiment YAML (or the defaults when `path` is None) and apply dot overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping, got {type(loaded).__name__}")
+        data = loaded
+    return validate(ExperimentConfig, apply_overrides(data, overrides))
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {'a.b.c': value}; lists and tuples become strings (MLflow params are flat)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        elif isinstance(value, (list, tuple, Mapping)):
+            flat[name] = str(list(value) if not isinstance(value, Mapping) else dict(value))
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,31 @@
+"""Model axis of scalelab: image and text towers, the dual encoder, named presets, size/MAC accounting.
+
+Single-device nn.Modules only; distribution (ZeRO, DDP) is applied by `scalelab.train`.
+Imports torch, timm and scalelab.config — never ray, deepspeed or mlflow.
+"""
+
+from scalelab.models.dual import DualEncoder, Temperature
+from scalelab.models.image import ImageTower, create_backbone, has_batchnorm, swap_batchnorm_for_groupnorm
+from scalelab.models.presets import build_model, create_model, get_spec, list_presets, register_preset
+from scalelab.models.stats import ModelStats, count_params, preset_stats, preset_table
+from scalelab.models.text import PAD_ID, TextTower
+
+__all__ = [
+    "PAD_ID",
+    "DualEncoder",
+    "ImageTower",
+    "ModelStats",
+    "Temperature",
+    "TextTower",
+    "build_model",
+    "count_params",
+    "create_backbone",
+    "create_model",
+    "get_spec",
+    "has_batchnorm",
+    "list_presets",
+    "preset_stats",
+    "preset_table",
+    "register_preset",
+    "swap_batchnorm_for_groupnorm",
+]

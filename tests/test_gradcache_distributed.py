@@ -1,0 +1,63 @@
+"""Two data-parallel ranks (torch.distributed, gloo): the cached step over the gathered global batch,
+followed by data-parallel gradient averaging, gives the single-process full-batch gradient."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from scalelab.gradcache import cached_step
+from scalelab.models import create_model
+
+WORLD = 2
+BATCH = 12  # global
+
+
+def _setup(seed=0):
+    torch.manual_seed(seed)
+    model = create_model("micro").double().train()  # no dropout: ranks draw independent noise
+    spec = model.config
+    g = torch.Generator().manual_seed(seed + 1)
+    images = torch.randn(BATCH, 3, spec.image_size, spec.image_size, generator=g, dtype=torch.float64)
+    tokens = torch.randint(1, spec.vocab_size, (BATCH, spec.context_length), generator=g)
+    tokens[:, spec.context_length // 2 :] = 0
+    return model, images, tokens
+
+
+def _worker(rank, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        model, images, tokens = _setup()
+        rows = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+        result = cached_step(model, images[rows], tokens[rows], micro_batch_size=4,
+                             distributed=True, block_size=5)
+        for p in model.parameters():  # what data-parallel training does: average over ranks
+            dist.all_reduce(p.grad)
+            p.grad /= WORLD
+        grads = {k: p.grad for k, p in model.named_parameters()}
+        torch.save({"grads": grads, "loss": result.loss}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_ranks_match_single_process(tmp_path):
+    mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD,
+                       start_method="spawn", join=True)
+    model, images, tokens = _setup()
+    model.zero_grad(set_to_none=True)
+    single = cached_step(model, images, tokens, micro_batch_size=BATCH)  # one micro-batch: plain step
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["loss"] == pytest.approx(single.loss, rel=1e-12)
+        for name, param in model.named_parameters():
+            err = (got["grads"][name] - param.grad).norm() / param.grad.norm()
+            assert err <= 1e-10, f"rank {rank} {name}: relative error {err:.3g}"
+
+
+def test_distributed_needs_a_process_group():
+    model, images, tokens = _setup()
+    with pytest.raises(RuntimeError, match="initialised torch.distributed"):
+        cached_step(model, images, tokens, micro_batch_size=4, distributed=True)
