@@ -166,4 +166,5 @@ def backward_tiles(
         _add_matmul(grad_text[c0:c1], weight.T, image_emb[r0:r1])
         grad_scale += (weight * sim).sum()
         grad_bias += weight.sum()
-    return TileGrads(grad_image * scale, grad_text * scale, grad_scale, grad_bias)
+    # in place: two fewer B x D temporaries at the batch sizes this exists for
+    return TileGrads(grad_image.mul_(scale), grad_text.mul_(scale), grad_scale, grad_bias)

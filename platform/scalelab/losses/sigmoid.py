@@ -122,8 +122,8 @@ class _TiledSigmoidLoss(torch.autograd.Function):
         g = grad_output.to(grads.scale.dtype)
         needs = ctx.needs_input_grad
         return (
-            (grads.image * g).to(image_emb.dtype) if needs[0] else None,
-            (grads.text * g).to(text_emb.dtype) if needs[1] else None,
+            grads.image.mul_(g).to(image_emb.dtype) if needs[0] else None,
+            grads.text.mul_(g).to(text_emb.dtype) if needs[1] else None,
             ctx.scale_meta.grad(grads.scale * g) if needs[2] else None,
             ctx.bias_meta.grad(grads.bias * g) if needs[3] else None,
             None,

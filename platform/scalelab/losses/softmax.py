@@ -127,8 +127,8 @@ class _TiledContrastiveLoss(torch.autograd.Function):
         g = grad_output.to(grads.scale.dtype)
         needs = ctx.needs_input_grad
         return (
-            (grads.image * g).to(image_emb.dtype) if needs[0] else None,
-            (grads.text * g).to(text_emb.dtype) if needs[1] else None,
+            grads.image.mul_(g).to(image_emb.dtype) if needs[0] else None,
+            grads.text.mul_(g).to(text_emb.dtype) if needs[1] else None,
             ctx.scale_meta.grad(grads.scale * g) if needs[2] else None,
             None,
         )
