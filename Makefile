@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(BIN)/scalelab demo
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/gradcache.py
+	$(BIN)/python benchmarks/gradcache.py all
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

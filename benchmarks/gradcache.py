@@ -156,7 +156,7 @@ def main() -> None:
     if args.what in ("memory", "all"):
         bench_memory("micro", [256, 1024, 4096, 16384, 65536], micro=256, block=1024)
     if args.what in ("largest", "all"):
-        bench_largest("micro", [65536, 131072, 262144], micro=1024, block=4096)
+        bench_largest("micro", [65536, 131072, 262144], micro=512, block=1024)
 
 
 if __name__ == "__main__":

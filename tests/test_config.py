@@ -95,3 +95,13 @@ def test_malformed_overrides(bad):
 def test_override_values_are_typed():
     assert parse_overrides(["a.b=3", "a.c=true", "d=null", "e=text"]) == {
         "a": {"b": 3, "c": True}, "d": None, "e": "text"}
+
+
+def test_errors_inside_list_fields_name_the_element():
+    with pytest.raises(ConfigError) as err:
+        load_experiment(None, ["data.sources=[{path: a, wieght: 2}]"])
+    assert "data.sources.0.wieght: unknown field; allowed: path, weight" in str(err.value)
+    with pytest.raises(ConfigError, match="crop_scale"):
+        load_experiment(None, ["data.crop_scale=[0.9, 0.2]"])
+    with pytest.raises(ConfigError, match="data.sources"):
+        load_experiment(None, ["data.sources=[]"])

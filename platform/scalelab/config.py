@@ -10,13 +10,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
     "ConfigError",
+    "DataConfig",
+    "DataSourceConfig",
     "ExperimentConfig",
     "Frozen",
     "ImageTowerConfig",
@@ -128,6 +130,49 @@ class ModelConfig(Frozen):
     )
 
 
+# --------------------------------------------------------------------------- data axis
+class DataSourceConfig(Frozen):
+    """One dataset directory (shards + manifest.json) and its mixing weight."""
+
+    path: str = Field(description="Dataset directory holding manifest.json and its shards.")
+    weight: float = Field(1.0, gt=0, description="Relative share of this source in every batch.")
+
+
+class DataConfig(Frozen):
+    """Where training pairs come from and how they are decoded, augmented and tokenized."""
+
+    sources: list[DataSourceConfig] = Field(
+        default_factory=lambda: [DataSourceConfig(path="runs/data/synth")],
+        min_length=1,
+        description="Datasets to mix (alt-text pairs + labels-to-text pairs, as BASIC mixed ALIGN and JFT).",
+    )
+    n_pairs: int | None = Field(
+        None, gt=0, description="Data axis: distinct training pairs (a fixed, seeded subset); None = all."
+    )
+    image_size: int = Field(32, gt=0, description="Training resolution in pixels.")
+    context_length: int = Field(32, gt=0, description="Tokens per caption (padded / truncated).")
+    tokenizer: str | None = Field(
+        None, description="Tokenizer JSON path; None = tokenizer.json next to the first source's manifest."
+    )
+    seed: int = Field(0, description="Seed of the subset choice and of the per-epoch shuffles.")
+    augment: bool = Field(True, description="Random-resized-crop for training (eval always resizes).")
+    crop_scale: tuple[float, float] = Field(
+        (0.7, 1.0), description="Area fraction range of the random-resized-crop."
+    )
+    hflip: bool = Field(
+        False, description="Random horizontal flip. Off by default: captions may say 'left'/'right'."
+    )
+    decode_actors: int = Field(1, gt=0, description="Size of the Ray Data actor pool that decodes.")
+    decode_batch_size: int = Field(256, gt=0, description="Rows per map_batches call.")
+
+    @model_validator(mode="after")
+    def _crop_range(self) -> DataConfig:
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"data.crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+        return self
+
+
 # --------------------------------------------------------------------------- loss / optim / train
 class LossConfig(Frozen):
     """The contrastive objective."""
@@ -173,6 +218,7 @@ class ExperimentConfig(Frozen):
 
     name: str = Field("experiment", description="Run name (checkpoints and MLflow run are found by it).")
     model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -249,16 +295,28 @@ def _model_at(title: str, loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """Find the config class at a location inside the model named `title` (for 'allowed' lists)."""
     cls = _CONFIG_CLASSES.get(title)
     for part in loc:
+        if isinstance(part, int) and cls is not None:
+            continue  # an index into a list field: the element class was resolved below
         if cls is None or not isinstance(part, str) or part not in cls.model_fields:
             return None
-        ann = cls.model_fields[part].annotation
-        cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        cls = _config_class_of(cls.model_fields[part].annotation)
     return cls
+
+
+def _config_class_of(annotation: Any) -> type[BaseModel] | None:
+    """The config class a field holds, directly or as list elements / optional value."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _config_class_of(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def _register_config_classes() -> None:
     for cls in (ExperimentConfig, ModelConfig, ModelSpec, ImageTowerConfig, TextTowerConfig,
-                LossConfig, OptimConfig, TrainConfig):
+                LossConfig, OptimConfig, TrainConfig, DataConfig, DataSourceConfig):
         _CONFIG_CLASSES[cls.__name__] = cls
 
 
