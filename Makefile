@@ -8,7 +8,10 @@ export HF_HUB_OFFLINE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export DS_ACCELERATOR := cpu
 
-.PHONY: venv test demo lint bench clean
+.PHONY: venv sysdeps test demo lint bench clean
+
+# Debian packages the tests use: Fashion-MNIST (real labelled images for the labels->text tests).
+SYSTEM_PACKAGES := dataset-fashion-mnist
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,7 +25,17 @@ venv: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: lint
+# Installed with apt when running as root (CI, containers); otherwise say what to install.
+sysdeps:
+	@if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); \
+	  else \
+	    echo "note: the Fashion-MNIST tests need Debian's $(SYSTEM_PACKAGES) (apt-get install $(SYSTEM_PACKAGES))"; \
+	  fi; \
+	fi
+
+test: lint sysdeps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
