@@ -3,6 +3,7 @@
     scalelab models [--json]            presets of the model axis: parameters, MACs per sample
     scalelab config [FILE] [--set k=v]  validate an experiment config and print it resolved
     scalelab check [--preset P ...]     verify the cached step against a full-batch backward
+    scalelab data synth|validate|index|from-labels|export-digits|export-fashion-mnist|tokenizer
     scalelab demo                       the main job (for now: models + check; see README)
 """
 
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 import yaml
 
 from scalelab.config import ConfigError
+from scalelab.data.cli import add_data_commands
 
 __all__ = ["main"]
 
@@ -105,6 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--block-size", type=int, default=None, help="tile size of the loss (default dense)")
     k.add_argument("--seed", type=int, default=0)
     k.set_defaults(func=_cmd_check)
+
+    add_data_commands(sub)
 
     d = sub.add_parser("demo", help="the main job (see README)")
     d.set_defaults(func=_cmd_demo)

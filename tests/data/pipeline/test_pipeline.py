@@ -1,0 +1,313 @@
+"""Ray Data pipeline: data-axis subset, per-epoch order, mixing, per-rank split, resume, bad samples.
+
+The epoch plan (pure numpy) is tested without Ray; the Ray tests share one local Ray session
+(module-scoped) and tiny datasets (3 shards x 40 samples, 32 px PNGs).
+"""
+
+import io
+import logging
+import shutil
+import tarfile
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from scalelab.config import ConfigError, DataConfig, DataSourceConfig
+from scalelab.data.manifest import ShardInfo, sha256_file
+from scalelab.data.pipeline import (
+    UNREADABLE,
+    _Decode,
+    _read_block,
+    build_dataset,
+    iter_train_batches,
+    plan_epoch,
+    select_subset,
+    source_counts,
+    tokenizer_path,
+)
+from scalelab.data.shards import ShardWriter, finish_dataset
+from scalelab.data.tokenizer import train_tokenizer
+
+# Ray's DataContext copy touches its own deprecated attributes.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")
+
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 230), "yellow": (230, 220, 40)}
+
+
+def _png(i: int, size: int = 32) -> bytes:
+    name = list(COLORS)[i % len(COLORS)]
+    img = Image.new("RGB", (size + i % 7, size), (i % 256, 128, 255 - i % 256))
+    img.paste(COLORS[name], (4, 4, size // 2 + i % 5, size // 2))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _caption(i: int) -> str:
+    return f"a {list(COLORS)[i % len(COLORS)]} square number {i}"
+
+
+def _write_source(out: Path, prefix: str, shards: int, per_shard: int = 40) -> Path:
+    with ShardWriter(out, samples_per_shard=per_shard, source=prefix) as w:
+        for i in range(shards * per_shard):
+            w.write(f"{prefix}{i:06d}", _png(i), _caption(i))
+    w.finish()
+    return out
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipe")
+    a = _write_source(root / "a", "a", 3)  # 120 pairs
+    b = _write_source(root / "b", "b", 2)  # 80 pairs
+    train_tokenizer([a, b], kind="bpe", vocab_size=200)  # -> a/tokenizer.json
+    return a, b
+
+
+def _cfg(paths, weights=None, **kw) -> DataConfig:
+    weights = weights or [1.0] * len(paths)
+    kw.setdefault("decode_batch_size", 16)
+    kw.setdefault("context_length", 16)
+    return DataConfig(
+        sources=[DataSourceConfig(path=str(p), weight=w) for p, w in zip(paths, weights)],
+        image_size=32,
+        **kw,
+    )
+
+
+# --------------------------------------------------------------------------- plan (no Ray)
+def test_subset_is_fixed_whole_shards_plus_prefix(sources):
+    a, _ = sources
+    cfg = _cfg([a], n_pairs=100, seed=3)
+    slices = select_subset(cfg)
+    assert select_subset(cfg) == slices
+    assert [s.take for s in slices] == [40, 40, 20]  # two whole shards, a prefix of the last one
+    assert len({s.path for s in slices}) == 3
+    smaller = select_subset(_cfg([a], n_pairs=50, seed=3))  # data-axis points are nested
+    assert [(s.path, s.take) for s in smaller] == [(slices[0].path, 40), (slices[1].path, 10)]
+
+
+def test_source_counts():
+    cfg = _cfg(["x", "y"], [3.0, 1.0], n_pairs=80)
+    assert source_counts(cfg, [120, 80]) == [60, 20]
+    assert source_counts(_cfg(["x", "y"], [3.0, 1.0]), [120, 80]) == [120, 40]  # as many as weights allow
+    assert source_counts(_cfg(["x", "y"]), [120, 80]) == [80, 80]
+    with pytest.raises(ConfigError, match="n_pairs"):
+        source_counts(_cfg(["x"], n_pairs=500), [120])
+
+
+def test_same_rows_every_epoch_new_order(sources):
+    a, b = sources
+    cfg = _cfg([a, b], n_pairs=150, seed=1)
+    p0, p1 = plan_epoch(cfg, 0), plan_epoch(cfg, 1)
+    rows = lambda p: list(zip(p.slice_id.tolist(), p.ordinal.tolist()))  # noqa: E731
+    assert len(rows(p0)) == 150 and len(set(rows(p0))) == 150
+    assert set(rows(p0)) == set(rows(p1)) and rows(p0) != rows(p1)
+    assert rows(plan_epoch(cfg, 0)) == rows(p0)  # deterministic
+
+
+def test_rank_split_is_disjoint_covers_and_keeps_the_global_order(sources):
+    a, b = sources
+    cfg = _cfg([a, b], n_pairs=151)
+    full = plan_epoch(cfg, 2)
+    parts = [plan_epoch(cfg, 2, rank=r, world_size=3) for r in range(3)]
+    assert [len(p) for p in parts] == [50, 50, 50]  # 151 // 3 each, one row left out
+    for r, p in enumerate(parts):
+        assert (p.index % 3 == r).all()
+        assert (p.slice_id == full.slice_id[p.index]).all() and (p.ordinal == full.ordinal[p.index]).all()
+    assert sorted(np.concatenate([p.index for p in parts]).tolist()) == list(range(150))
+
+
+def test_mixing_proportions_hold_in_every_window(sources):
+    a, b = sources
+    cfg = _cfg([a, b], [3.0, 1.0], seed=5)  # n_pairs None: 120 from a, 40 from b
+    plan = plan_epoch(cfg, 0)
+    src = np.array([plan.slices[s].source for s in plan.slice_id])
+    assert (src == 1).sum() == 40 and len(src) == 160
+    for start in range(0, 160, 16):
+        assert abs((src[start : start + 16] == 1).sum() - 4) <= 2  # 16 / 4 = 4 per batch, ±2
+    for r in range(2):  # each rank's own batches are mixed too (no aliasing with the pattern)
+        mine = plan_epoch(cfg, 0, rank=r, world_size=2)
+        share = np.mean([mine.slices[s].source == 1 for s in mine.slice_id])
+        assert 0.15 < share < 0.35
+
+
+def test_tokenizer_path_errors(sources, tmp_path):
+    a, _ = sources
+    assert tokenizer_path(_cfg([a])) == a / "tokenizer.json"
+    with pytest.raises(FileNotFoundError, match="scalelab data tokenizer"):
+        tokenizer_path(_cfg([tmp_path]))
+
+
+def test_unreadable_shard_is_logged_with_its_path(bad_dataset, caplog):
+    cfg = _cfg([bad_dataset["dir"]])
+    slices = tuple(vars(s) for s in select_subset(cfg))
+    broken = next(k for k, s in enumerate(slices) if s["path"].endswith("00002.tar"))
+    spec = {"slice_id": [broken, broken], "ordinal": [0, 1], "index": [7, 8]}
+    with caplog.at_level(logging.WARNING):
+        rows = _read_block(spec, slices=slices)
+    assert [r["reason"] for r in rows] == [UNREADABLE, UNREADABLE] and not any(r["valid"] for r in rows)
+    assert slices[broken]["path"] in caplog.text
+
+
+def test_iterator_without_ray_raises_when_nothing_is_usable():
+    rows = [{"image": np.zeros((3, 4, 4), np.float32), "tokens": np.zeros(8, np.int64), "key": "k",
+             "valid": False, "reason": "empty_caption"}] * 5
+    it = iter_train_batches(rows, 2)
+    with pytest.raises(RuntimeError, match="no usable samples"):
+        list(it)
+    assert it.skipped == {"empty_caption": 5}
+
+
+def test_decode_is_seeded_per_row_and_eval_is_deterministic(sources):
+    a, _ = sources
+    kw = dict(tokenizer=str(a / "tokenizer.json"), image_size=16, context_length=8, augment=True,
+              crop_scale=(0.3, 0.6), hflip=True, seed=0, epoch=0)
+    batch = {"image_bytes": np.array([_png(3), _png(3), _png(3), b"junk"], dtype=object),
+             "caption": np.array(["a red square"] * 4, dtype=object), "valid": np.ones(4, bool),
+             "reason": np.array([""] * 4, dtype=object), "key": np.array(list("wxyz"), dtype=object),
+             "source": np.zeros(4, np.int64), "index": np.array([5, 5, 6, 7])}
+    train = _Decode(train=True, **kw)(batch)
+    assert train["image"].shape == (4, 3, 16, 16) and train["tokens"].shape == (4, 8)
+    assert np.array_equal(train["image"][0], train["image"][1])  # same (seed, epoch, index): same crop
+    assert not np.array_equal(train["image"][0], train["image"][2])  # another index: another crop
+    assert train["valid"].tolist() == [True, True, True, False] and train["reason"][3] == "undecodable_image"
+    assert (train["tokens"][3] == 0).all() and (train["image"][3] == 0).all()
+    evals = _Decode(train=False, **kw)(batch)
+    assert np.array_equal(evals["image"][0], evals["image"][2])  # eval ignores the index
+
+
+def test_parquet_shards_read_through_the_same_plan(tmp_path):
+    with ShardWriter(tmp_path / "pq", fmt="parquet", samples_per_shard=10, source="pq") as w:
+        for i in range(25):
+            w.write(f"p{i:04d}", _png(i), _caption(i))
+    w.finish()
+    cfg = _cfg([tmp_path / "pq"], n_pairs=15)
+    plan = plan_epoch(cfg, 1)
+    slices = tuple(vars(s) for s in plan.slices)
+    spec = {"slice_id": plan.slice_id, "ordinal": plan.ordinal, "index": plan.index}
+    rows = _read_block(spec, slices=slices)
+    assert len({r["key"] for r in rows}) == 15 and all(r["valid"] for r in rows)
+    assert all(r["caption"].startswith("a ") and r["image_bytes"][:4] == b"\x89PNG" for r in rows)
+
+
+# --------------------------------------------------------------------------- bad samples on disk
+def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bad_dataset(tmp_path_factory):
+    """00000: 10 good; 00001: 6 good + every kind of bad sample; 00002: truncated (10 samples)."""
+    out = tmp_path_factory.mktemp("bad")
+    with ShardWriter(out, samples_per_shard=10, source="bad") as w:
+        for i in range(10):
+            w.write(f"g{i:05d}", _png(i), _caption(i))
+    infos = w.close()
+    members = []
+    for i in range(6):
+        members += [(f"h{i:05d}.png", _png(i)), (f"h{i:05d}.txt", _caption(i).encode())]
+    members += [("x1.png", b"\x89PNG but not really an image"), ("x1.txt", b"corrupt image bytes")]
+    members += [("x2.png", _png(1)), ("x2.txt", b"  ")]  # empty caption
+    members += [("x3.png", _png(2)), ("x3.txt", b"\xff\xfe caption")]  # not UTF-8
+    members += [("x4.json", b"{}")]  # orphan member: neither image nor caption
+    (out / "00001.tar").write_bytes(_tar_bytes(members))
+    whole = _tar_bytes([m for i in range(10) for m in ((f"t{i}.png", _png(i)), (f"t{i}.txt", b"cap"))])
+    (out / "00002.tar").write_bytes(whole[: len(whole) // 2])  # truncated
+    for name, n in (("00001.tar", 10), ("00002.tar", 10)):
+        path = out / name
+        infos.append(ShardInfo(path=name, samples=n, bytes=path.stat().st_size, sha256=sha256_file(path)))
+    finish_dataset(out, infos, fmt="webdataset", source="bad", image_field="png")
+    truncated_only = tmp_path_factory.mktemp("allbad")
+    shutil.copy(out / "00002.tar", truncated_only / "00000.tar")
+    path = truncated_only / "00000.tar"
+    info = ShardInfo(path="00000.tar", samples=10, bytes=path.stat().st_size, sha256=sha256_file(path))
+    finish_dataset(truncated_only, [info], fmt="webdataset", source="allbad", image_field="png")
+    return {"dir": out, "all_bad": truncated_only}
+
+
+# --------------------------------------------------------------------------- Ray
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must stay short
+    ray.init(num_cpus=2, object_store_memory=500_000_000, include_dashboard=False, _temp_dir=temp,
+             log_to_driver=False)
+    yield
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_rows_and_batches_same_subset_every_epoch(ray_session, sources):
+    a, _ = sources
+    cfg = _cfg([a], n_pairs=100, seed=2)
+    rows0 = build_dataset(cfg, epoch=0).take_all()
+    rows1 = build_dataset(cfg, epoch=1).take_all()
+    keys0, keys1 = [r["key"] for r in rows0], [r["key"] for r in rows1]
+    assert len(keys0) == 100 and set(keys0) == set(keys1) and keys0 != keys1
+    assert [r["index"] for r in rows0] == list(range(100))
+    it = iter_train_batches(rows0, 16)  # rows from take_all work as input too
+    batches = list(it)
+    assert len(batches) == 6 and it.samples_seen == 96 and it.skipped == {}  # drop_last
+    b = batches[0]
+    assert b.images.dtype == torch.float32 and b.images.shape == (16, 3, 32, 32)
+    assert b.tokens.dtype == torch.int64 and b.tokens.shape == (16, 16)
+    assert (b.tokens[:, 0] == 2).all() and b.keys == keys0[:16]  # bos first, order kept
+    assert b.images.std() > 0.1 and b.images.abs().max() < 3  # CLIP-normalised range
+
+
+@pytest.mark.slow
+def test_resume_reproduces_the_remaining_order(ray_session, sources):
+    a, b = sources
+    cfg = _cfg([a, b], [2.0, 1.0], n_pairs=120, seed=4)
+    full = list(iter_train_batches(build_dataset(cfg, epoch=3), 8))
+    resumed_it = iter_train_batches(build_dataset(cfg, epoch=3), 8, start_sample=24)
+    resumed = list(resumed_it)
+    assert len(full) == 15 and len(resumed) == 12
+    for x, y in zip(full[3:], resumed):
+        assert x.keys == y.keys
+        assert torch.equal(x.images, y.images) and torch.equal(x.tokens, y.tokens)  # same crops too
+    assert resumed_it.samples_seen == 120
+
+
+@pytest.mark.slow
+def test_mixing_and_rank_split(ray_session, sources):
+    a, b = sources
+    cfg = _cfg([a, b], [3.0, 1.0], seed=6)  # 120 + 40
+    whole = list(iter_train_batches(build_dataset(cfg, epoch=0), 16))
+    per_batch = [sum(k.startswith("b") for k in batch.keys) for batch in whole]
+    assert len(whole) == 10 and all(2 <= n <= 6 for n in per_batch) and sum(per_batch) == 40
+    ranks = [[r["key"] for r in build_dataset(cfg, epoch=0, rank=r, world_size=2).take_all()] for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 80 and not set(ranks[0]) & set(ranks[1])
+    everything = [k for batch in whole for k in batch.keys]
+    assert set(ranks[0]) | set(ranks[1]) == set(everything)
+    assert ranks[0] == everything[0::2] and ranks[1] == everything[1::2]  # index ≡ rank (mod 2)
+
+
+@pytest.mark.slow
+def test_bad_samples_are_skipped_and_counted(ray_session, sources, bad_dataset):
+    a, _ = sources
+    cfg = _cfg([bad_dataset["dir"]], tokenizer=str(a / "tokenizer.json"))
+    it = iter_train_batches(build_dataset(cfg, epoch=0), 4)
+    batches = list(it)
+    assert it.skipped == {"undecodable_image": 1, "empty_caption": 1, "non_utf8_caption": 1,
+                          "orphan_member": 1, UNREADABLE: 10}
+    assert it.metrics()["data/skipped/unreadable_shard"] == 10
+    assert len(batches) == 4 and it.samples_seen == 16  # 16 good samples
+    assert Counter(k[0] for bt in batches for k in bt.keys) == {"g": 10, "h": 6}
+    bad = _cfg([bad_dataset["all_bad"]], tokenizer=str(a / "tokenizer.json"))
+    with pytest.raises(RuntimeError, match="no usable samples"):
+        list(iter_train_batches(build_dataset(bad, epoch=0), 4))

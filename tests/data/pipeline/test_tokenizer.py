@@ -1,0 +1,124 @@
+"""Caption tokenizer: trained on a dataset's captions; pad 0, bos/eos placement, truncation, hash, errors."""
+
+import argparse
+import io
+import json
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from scalelab.data.shards import ShardWriter
+from scalelab.data.tokenizer import (
+    SPECIAL_TOKENS,
+    TOKENIZER_NAME,
+    iter_captions,
+    load_tokenizer,
+    train_tokenizer,
+)
+from scalelab.data.tokenizer_cli import add_tokenizer_command
+
+COLORS = ["red", "green", "blue", "yellow", "purple"]
+SHAPES = ["circle", "square", "triangle", "star"]
+WORDS = ["on", "the", "LEFT", "right", "of", "a", "small", "big", "photo", "near", "above", "below"]
+N = 300
+
+
+def _png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), ((seed * 37) % 256, 80, 160)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tokds")
+    with ShardWriter(out, samples_per_shard=100, source="test") as w:
+        for i in range(N):
+            r = random.Random(i)
+            words = [r.choice(WORDS) for _ in range(r.randint(2, 6))]
+            caption = f"A {r.choice(COLORS)} {r.choice(SHAPES)} {' '.join(words)}"
+            w.write(f"{i:09d}", _png(i), caption)
+    w.finish()
+    return out
+
+
+@pytest.mark.parametrize("kind", ["unigram", "bpe"])
+def test_round_trip_pad_bos_eos(dataset, tmp_path, kind):
+    path = train_tokenizer(dataset, kind=kind, vocab_size=200, out=tmp_path / "tok.json")
+    tok = load_tokenizer(path)
+    assert [tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id] == [0, 1, 2, 3]
+    captions = ["A Red circle on the LEFT", "a blue star above a big photo"]
+    ids = tok.encode_batch(captions, context_length=48)
+    assert ids.dtype == np.int64 and ids.shape == (2, 48)
+    for row, caption in zip(ids, captions):
+        n = int((row != 0).sum())
+        assert row[0] == tok.bos_id and row[n - 1] == tok.eos_id
+        assert (row[n:] == 0).all() and (row[1 : n - 1] > 3).all()  # no special ids inside
+        assert tok.decode(row) == caption.lower()  # lowercased words come back, spaces exact
+        assert n - 2 <= len(caption.split())  # whole words or larger pieces, not characters
+
+
+def test_truncation_keeps_eos_last(dataset, tmp_path):
+    tok = load_tokenizer(train_tokenizer(dataset, vocab_size=100, out=tmp_path / "t.json"))
+    long = " ".join(["red circle green square"] * 20)
+    row = tok.encode_batch([long], context_length=8)[0]
+    assert row[0] == tok.bos_id and row[-1] == tok.eos_id and (row != 0).all()
+    assert tok.decode(row) and long.startswith(tok.decode(row).split(" ")[0])
+    with pytest.raises(ValueError, match="context_length"):
+        tok.encode_batch(["x"], context_length=1)
+
+
+def test_no_lowercase_and_nfkc(dataset, tmp_path):
+    tok = load_tokenizer(train_tokenizer(dataset, vocab_size=100, lowercase=False, out=tmp_path / "t.json"))
+    assert tok.decode(tok.encode("LEFT", 8)) == "LEFT"
+    lower = load_tokenizer(train_tokenizer(dataset, vocab_size=100, out=tmp_path / "l.json"))
+    assert lower.decode(lower.encode("ｒｅｄ", 8)) == "red"  # NFKC folds full-width letters
+
+
+def test_default_location_hash_and_json(dataset):
+    path = train_tokenizer(dataset, vocab_size=100)
+    assert path == dataset / TOKENIZER_NAME
+    tok = load_tokenizer(dataset)  # the dataset dir is enough
+    import hashlib
+
+    assert tok.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert tok.path == path and 4 < tok.vocab_size <= 100
+    vocab = json.loads(path.read_text())["model"]["vocab"]
+    assert [v[0] for v in vocab[:4]] == list(SPECIAL_TOKENS)  # unigram: [token, score] in id order
+    assert len(list(iter_captions(dataset))) == N
+
+
+def test_errors(tmp_path, dataset):
+    with pytest.raises(FileNotFoundError, match="tokenizer file not found"):
+        load_tokenizer(tmp_path / "nope.json")
+    with pytest.raises(FileNotFoundError, match="scalelab data tokenizer"):
+        load_tokenizer(tmp_path)
+    with pytest.raises(ValueError, match="kind"):
+        train_tokenizer(dataset, kind="wordpiece", out=tmp_path / "x.json")
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        train_tokenizer(tmp_path / "missing", out=tmp_path / "x.json")
+
+
+def test_cli(dataset, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_tokenizer_command(parser.add_subparsers())
+    out = tmp_path / "cli.json"
+    args = parser.parse_args(
+        [
+            "tokenizer",
+            str(dataset),
+            "--kind",
+            "bpe",
+            "--vocab-size",
+            "80",
+            "--no-lowercase",
+            "--out",
+            str(out),
+        ]
+    )
+    assert args.func(args) == 0
+    assert load_tokenizer(out).sha256 in capsys.readouterr().out
+    bad = parser.parse_args(["tokenizer", str(tmp_path / "missing")])
+    assert bad.func(bad) == 2
