@@ -311,3 +311,32 @@ def test_bad_samples_are_skipped_and_counted(ray_session, sources, bad_dataset):
     bad = _cfg([bad_dataset["all_bad"]], tokenizer=str(a / "tokenizer.json"))
     with pytest.raises(RuntimeError, match="no usable samples"):
         list(iter_train_batches(build_dataset(bad, epoch=0), 4))
+
+
+@pytest.mark.slow
+def test_synth_validate_tokenize_pipeline_train_step(ray_session, tmp_path):
+    """The embedded default end to end: synthetic world → validate → tokenizer → Ray pipeline →
+    exact-size batches that a model preset consumes in a cached step."""
+    from scalelab.data.synth import generate_world
+    from scalelab.data.validate import validate_dataset
+    from scalelab.gradcache import cached_step
+    from scalelab.models import create_model
+
+    world = tmp_path / "synth"
+    generate_world(world, n_pairs=90, seed=5, samples_per_shard=40, progress=False, eval_per_class=1,
+                   retrieval_pairs=10)
+    report = validate_dataset(world)
+    assert report.ok and report.good == 90 and report.bad == 0
+    tok = train_tokenizer([world], vocab_size=300)
+    cfg = DataConfig(sources=[DataSourceConfig(path=str(world))], n_pairs=64, image_size=32,
+                     context_length=32, seed=1, decode_batch_size=32)
+    batches = iter_train_batches(build_dataset(cfg, epoch=0), 32)
+    got = list(batches)
+    assert len(got) == 2 and batches.samples_seen == 64 and batches.metrics() == {}
+    assert got[0].images.shape == (32, 3, 32, 32) and got[0].images.dtype == torch.float32
+    assert got[0].tokens.shape == (32, 32) and got[0].tokens.dtype == torch.int64
+    assert int(got[0].tokens.max()) < 300 and tok.exists()
+    model = create_model("micro")
+    assert model.config.context_length == 32 and model.config.image_size == 32
+    result = cached_step(model, got[0].images, got[0].tokens, micro_batch_size=8)
+    assert np.isfinite(result.loss) and model.logit_scale.grad is not None
