@@ -15,7 +15,10 @@ HOMES = {
     "ray": ("data/", "train/", "sweep/"),
     "mlflow": ("tracking.py", "sweep/"),
 }
-FRAMEWORK_FREE = ["scalelab.config", "scalelab.models", "scalelab.losses", "scalelab.gradcache"]
+FRAMEWORK_FREE = [
+    "scalelab.config", "scalelab.models", "scalelab.losses", "scalelab.gradcache", "scalelab.eval",
+    "scalelab.data.shards", "scalelab.data.validate", "scalelab.data.synth", "scalelab.data.batches",
+]
 
 
 def _imported_roots(path: Path) -> set[str]:

@@ -24,6 +24,7 @@ from scalelab.data.shards import (
     PARQUET_IMAGE_COLUMNS,
     BadSample,
     ShardError,
+    finish_dataset,
     iter_shard,
     split_member_name,
 )
@@ -259,16 +260,8 @@ def index_dataset(
     for r in reports:
         problems.update(r.problems)
     extra["index"] = {"problems": dict(sorted(problems.items())), "skipped": [r.path for r in skipped]}
-    manifest = Manifest.build(
-        fmt=fmt,
-        source=source,
-        image_field=image_field,
-        caption_field=caption_field,
-        shards=shards,
-        extra=extra,
-    )
-    manifest.save(root)
-    return manifest
+    return finish_dataset(root, shards, fmt=fmt, source=source, image_field=image_field,
+                          caption_field=caption_field, extra=extra)
 
 
 def _detect_fields(fmt: Format, paths: list[Path], reports: list[ShardReport]) -> tuple[str, str]:

@@ -1,0 +1,42 @@
+"""Evaluation: zero-shot classification with prompt ensembles, the robustness suite, image↔text retrieval.
+
+Depends on `scalelab.models` and `scalelab.data` (never ray, deepspeed or mlflow): the training loop
+calls these functions and reports the returned stable metric keys (`eval/zeroshot/<set>/top1`, ...).
+"""
+
+from scalelab.eval.datasets import (
+    CLIP_MEAN,
+    CLIP_STD,
+    LabelledImages,
+    load_image_folder,
+    load_pairs,
+    preprocess_eval,
+)
+from scalelab.eval.retrieval import evaluate_retrieval, retrieval_metrics
+from scalelab.eval.zeroshot import (
+    class_embeddings,
+    encode_images,
+    encode_texts,
+    eval_mode,
+    evaluate_sets,
+    fill_templates,
+    zeroshot_classify,
+)
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "LabelledImages",
+    "class_embeddings",
+    "encode_images",
+    "encode_texts",
+    "eval_mode",
+    "evaluate_retrieval",
+    "evaluate_sets",
+    "fill_templates",
+    "load_image_folder",
+    "load_pairs",
+    "preprocess_eval",
+    "retrieval_metrics",
+    "zeroshot_classify",
+]
