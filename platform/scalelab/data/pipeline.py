@@ -53,6 +53,7 @@ from PIL import Image
 
 from scalelab.config import ConfigError, DataConfig
 from scalelab.data.batches import Batch, TrainBatchIterator, iter_train_batches
+from scalelab.data.transforms import CLIP_MEAN, CLIP_STD
 
 if TYPE_CHECKING:  # torch is imported where batches are made: decode actors start faster without it
     pass
@@ -74,8 +75,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 UNREADABLE = "unreadable_shard"  # reason for rows of a shard that could not be read (or ended early)
 
 

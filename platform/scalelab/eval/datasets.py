@@ -23,6 +23,7 @@ from PIL import Image
 
 from scalelab.data.manifest import Manifest
 from scalelab.data.shards import BadSample, ShardError, iter_shard
+from scalelab.data.transforms import CLIP_MEAN, CLIP_STD, preprocess_eval
 
 __all__ = [
     "CLASSNAMES_FILE",
@@ -40,10 +41,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Must equal scalelab.data.pipeline.CLIP_MEAN / CLIP_STD (tests/eval asserts it): a mismatch would shift
-# every eval image away from the training distribution. Copied, not imported: pipeline.py imports Ray.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "templates.txt"
@@ -61,22 +58,6 @@ class LabelledImages:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-
-def preprocess_eval(image: Image.Image, size: int) -> np.ndarray:
-    """CLIP eval transform: RGB, shorter side to `size` + centre crop (bicubic), CLIP normalisation.
-
-    Returns float32 [3, size, size]. Identical to the eval branch of the training pipeline's decoder.
-    """
-    img = image.convert("RGB")
-    side = min(img.width, img.height)
-    x0, y0 = (img.width - side) // 2, (img.height - side) // 2
-    # One resize with a crop box: the same pixels as resize-then-crop, without an intermediate image.
-    img = img.resize((size, size), Image.Resampling.BICUBIC, box=(x0, y0, x0 + side, y0 + side))
-    arr = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
-    mean = np.asarray(CLIP_MEAN, dtype=np.float32)[:, None, None]
-    std = np.asarray(CLIP_STD, dtype=np.float32)[:, None, None]
-    return (arr - mean) / std
 
 
 def _lines(path: Path) -> list[str]:
