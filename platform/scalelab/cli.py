@@ -73,6 +73,25 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from scalelab.config import load_experiment
+
+    cfg = load_experiment(args.file, args.set)
+    from scalelab.train.launch import launch  # deferred: imports ray
+
+    result = launch(cfg)
+    _print_metrics(result.final_metrics)
+    print(f"MLflow run {result.mlflow_run_id}: mlflow ui --backend-store-uri {result.tracking_uri}")
+    return 0
+
+
+def _print_metrics(metrics: dict[str, float]) -> None:
+    if metrics:
+        width = max(len(k) for k in metrics)
+        for key in sorted(metrics):
+            print(f"  {key:<{width}}  {metrics[key]:.4f}")
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     print("scalelab demo — the three-axis demo sweep arrives with the data, training and sweep issues;")
     print("until then the demo shows the model axis and verifies the exact gradient-cache step.\n")
@@ -107,6 +126,11 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--block-size", type=int, default=None, help="tile size of the loss (default dense)")
     k.add_argument("--seed", type=int, default=0)
     k.set_defaults(func=_cmd_check)
+
+    t = sub.add_parser("train", help="train one model on Ray Train workers (resumes an existing run)")
+    t.add_argument("file", help="experiment YAML, e.g. experiments/smoke.yaml")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dot override")
+    t.set_defaults(func=_cmd_train)
 
     add_data_commands(sub)
 

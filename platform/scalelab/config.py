@@ -19,6 +19,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "DataSourceConfig",
+    "EvalConfig",
     "ExperimentConfig",
     "Frozen",
     "ImageTowerConfig",
@@ -26,6 +27,7 @@ __all__ = [
     "ModelConfig",
     "ModelSpec",
     "OptimConfig",
+    "RunSettings",
     "TextTowerConfig",
     "TrainConfig",
     "apply_overrides",
@@ -34,6 +36,7 @@ __all__ = [
     "format_validation_error",
     "load_experiment",
     "parse_overrides",
+    "resolve_paths",
 ]
 
 CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
@@ -164,6 +167,9 @@ class DataConfig(Frozen):
     )
     decode_actors: int = Field(1, gt=0, description="Size of the Ray Data actor pool that decodes.")
     decode_batch_size: int = Field(256, gt=0, description="Rows per map_batches call.")
+    decode_cpus: float = Field(
+        1.0, gt=0, description="CPUs each decode actor reserves (fractions share a core with training)."
+    )
 
     @model_validator(mode="after")
     def _crop_range(self) -> DataConfig:
@@ -211,17 +217,74 @@ class TrainConfig(Frozen):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="Training precision.")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     num_workers: int = Field(1, gt=0, description="Ray Train workers (data-parallel ranks).")
+    use_gpu: bool = Field(False, description="One GPU per worker (CPU runs set DS_ACCELERATOR=cpu).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each Ray Train worker reserves.")
+    threads_per_worker: int | None = Field(
+        None, gt=0, description="torch intra-op threads per worker; None = ceil(cpus_per_worker)."
+    )
+
+
+class EvalConfig(Frozen):
+    """Zero-shot evaluation during and after training (and `scalelab eval`)."""
+
+    sets: dict[str, str] = Field(
+        default_factory=dict,
+        description="Zero-shot sets: name -> ImageFolder dir with classnames.txt and templates.txt.",
+    )
+    shifted: list[str] = Field(
+        default_factory=list, description="Names in `sets` that form the robustness suite (averaged)."
+    )
+    retrieval: str | None = Field(None, description="Held-out pair dataset for image<->text recall@k.")
+    every_steps: int | None = Field(
+        None, gt=0, description="Evaluate every this many steps; None = only at the end."
+    )
+    batch_size: int = Field(256, gt=0, description="Encoding batch size of the evaluation.")
+
+    @model_validator(mode="after")
+    def _names(self) -> EvalConfig:
+        unknown = [s for s in self.shifted if s not in self.sets]
+        if unknown:
+            raise ValueError(f"eval.shifted names {unknown} not in eval.sets {sorted(self.sets)}")
+        bad = [s for s in self.sets if not s or "/" in s or s == "robustness_avg"]
+        if bad:
+            raise ValueError(f"eval.sets names become metric keys: no '/', not 'robustness_avg'; got {bad}")
+        return self
+
+
+class RunSettings(Frozen):
+    """Where a run keeps its state and how often it reports; none of this changes the trained model."""
+
+    storage: str = Field(
+        "./runs", description="Storage root: checkpoints, MLflow store, artifacts (resolved to absolute)."
+    )
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; None = env MLFLOW_TRACKING_URI, else sqlite under storage."
+    )
+    mlflow_experiment: str = Field("scalelab", description="MLflow experiment the run belongs to.")
+    log_every: int = Field(10, gt=0, description="Log training metrics every this many steps.")
+    checkpoint_every: int | None = Field(
+        50, gt=0, description="Checkpoint every this many steps (and always at the end); None = end only."
+    )
+    keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept on storage (the latest ones).")
+    max_failures: int = Field(
+        2, ge=-1, description="Worker-group restarts from the last checkpoint; -1 = no limit."
+    )
 
 
 class ExperimentConfig(Frozen):
     """Everything one training run needs."""
 
-    name: str = Field("experiment", description="Run name (checkpoints and MLflow run are found by it).")
+    name: str = Field(
+        "experiment", pattern=r"^[A-Za-z0-9][A-Za-z0-9._=-]*$", max_length=200,
+        description="Run name: its checkpoint folder under run.storage and its MLflow run are found by it.",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    run: RunSettings = Field(default_factory=RunSettings)
 
     @model_validator(mode="after")
     def _batch_geometry(self) -> ExperimentConfig:
@@ -343,6 +406,31 @@ def load_experiment(path: str | Path | None = None, overrides: Iterable[str] = (
             raise ConfigError(f"{p}: top level must be a mapping, got {type(loaded).__name__}")
         data = loaded
     return validate(ExperimentConfig, apply_overrides(data, overrides))
+
+
+def resolve_paths(cfg: ExperimentConfig, base: str | Path | None = None) -> ExperimentConfig:
+    """`cfg` with every filesystem path made absolute against `base` (default: the current directory).
+
+    Done once in the driver: Ray workers and job submissions run in other working directories, where a
+    relative path would name a different (or no) folder. URIs (`s3://...`) are left alone.
+    """
+    root = Path.cwd() if base is None else Path(base)
+
+    def absolute(path: str | None) -> str | None:
+        if path is None or "://" in path:
+            return path
+        return str((root / Path(path).expanduser()).resolve())
+
+    data = cfg.data.model_copy(update={
+        "sources": [s.model_copy(update={"path": absolute(s.path)}) for s in cfg.data.sources],
+        "tokenizer": absolute(cfg.data.tokenizer),
+    })
+    evaluation = cfg.eval.model_copy(update={
+        "sets": {name: absolute(d) for name, d in cfg.eval.sets.items()},
+        "retrieval": absolute(cfg.eval.retrieval),
+    })
+    run = cfg.run.model_copy(update={"storage": absolute(cfg.run.storage)})
+    return cfg.model_copy(update={"data": data, "eval": evaluation, "run": run})
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

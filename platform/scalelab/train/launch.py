@@ -1,0 +1,180 @@
+"""The driver side of `scalelab train`: checks, Ray, the MLflow run, and one `TorchTrainer.fit()`.
+
+`launch(cfg)` is the unit a sweep trial runs. Order matters: the config is checked (paths, model/data
+agreement, resume compatibility) before Ray starts, so a bad config costs nothing; the MLflow run is
+created (or found again by its run-key tag) by the driver, so a restarted worker group, a re-run
+command or a resumed sweep trial all log into the same run; workers get its id in their config dict.
+
+Everything persistent sits under `run.storage`: `<name>/step_*` checkpoints (Ray Train's storage),
+`mlflow.db` and `mlartifacts/` (the default local MLflow store). Running the same command again finds
+the checkpoints (Ray restores its checkpoint bookkeeping from `<storage>/<name>`) and continues.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scalelab.config import ExperimentConfig, flatten, resolve_paths
+from scalelab.train.checkpoint import RunState, latest_checkpoint, read_run_state
+from scalelab.train.preflight import check_experiment, check_resume, run_dir
+
+__all__ = ["TrainResult", "ensure_ray", "launch", "worker_env"]
+
+_PASSTHROUGH_ENV = ("SCALELAB_FAIL_AT_STEP", "SCALELAB_FAIL_RANK", "SCALELAB_FAIL_MARKER", "HF_HUB_OFFLINE",
+                    "MLFLOW_DISABLE_TELEMETRY")
+# Never logged as params: a tracking URI may carry a password (postgresql://user:pw@host/db).
+_UNLOGGED_PARAMS = ("run.tracking_uri",)
+
+
+@dataclass
+class TrainResult:
+    """What a finished `launch` leaves: where the run is, and its final numbers."""
+
+    name: str
+    run_dir: Path
+    mlflow_run_id: str
+    tracking_uri: str
+    step: int
+    samples_seen: int
+    resumed_from: int | None
+    final_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def launch(cfg: ExperimentConfig, *, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+           run_key: tuple[str, str] | None = None, verbose: bool = True) -> TrainResult:
+    """Train `cfg` on Ray Train workers; resume its latest checkpoint if the run exists.
+
+    `parent_run_id`/`tags`/`run_key` let a sweep nest the run under its parent and find it by trial id.
+    Raises ConfigError before starting anything when the config cannot run.
+    """
+    cfg = resolve_paths(cfg)
+    check_experiment(cfg)
+    previous = check_resume(cfg)
+    say = print if verbose else (lambda *_: None)
+    if previous is not None:
+        state = "finished" if previous.finished and previous.step >= cfg.train.steps else "interrupted"
+        say(f"[{cfg.name}] resuming the {state} run at step {previous.step}/{cfg.train.steps} "
+            f"from {latest_checkpoint(run_dir(cfg))}")
+    handle, uri = _mlflow_run(cfg, parent_run_id, tags, run_key)
+    if previous is not None and previous.mlflow_run_id not in (None, handle.run_id):
+        say(f"[{cfg.name}] note: the checkpoint names MLflow run {previous.mlflow_run_id}; "
+            f"logging to {handle.run_id}")
+    if previous is not None and previous.step >= cfg.train.steps:
+        say(f"[{cfg.name}] already finished ({previous.step} steps); nothing to do")
+        handle.finish("FINISHED")
+        return _result(cfg, handle.run_id, uri, previous, previous.step)
+    ensure_ray()
+    try:
+        _fit(cfg, handle.run_id, uri)
+    except KeyboardInterrupt:
+        handle.finish("KILLED")
+        raise
+    except BaseException:
+        handle.finish("FAILED")
+        raise
+    handle.finish("FINISHED")
+    final = read_run_state(latest_checkpoint(run_dir(cfg)))
+    result = _result(cfg, handle.run_id, uri, final, previous.step if previous else None)
+    say(f"[{cfg.name}] done: {final.step} steps, {final.samples_seen} samples; in {result.run_dir}")
+    return result
+
+
+def _result(
+    cfg: ExperimentConfig, run_id: str, uri: str, state: RunState, resumed: int | None
+) -> TrainResult:
+    return TrainResult(cfg.name, run_dir(cfg), run_id, uri, state.step, state.samples_seen,
+                       resumed, dict(state.final_metrics))
+
+
+def _mlflow_run(cfg: ExperimentConfig, parent_run_id: str | None, tags: dict[str, str] | None,
+                run_key: tuple[str, str] | None) -> tuple[Any, str]:
+    from scalelab.models import get_spec, preset_stats
+    from scalelab.tracking import (
+        code_version,
+        default_artifact_root,
+        get_or_create_experiment,
+        resolve_tracking_uri,
+        start_or_resume_run,
+    )
+
+    storage = cfg.run.storage
+    uri = resolve_tracking_uri(cfg.run.tracking_uri, storage)
+    artifacts = default_artifact_root(uri, storage)
+    experiment = get_or_create_experiment(cfg.run.mlflow_experiment, uri, artifacts)
+    spec = get_spec(cfg.model.preset, **cfg.model.overrides)
+    stats = preset_stats(spec)
+    all_tags = {**code_version(), "scalelab.preset": cfg.model.preset, **(tags or {})}
+    handle = start_or_resume_run(uri, experiment, run_name=cfg.name, tags=all_tags, resume_tag=run_key,
+                                 parent_run_id=parent_run_id)
+    flat = {k: v for k, v in flatten(cfg.to_dict()).items() if k not in _UNLOGGED_PARAMS}
+    flat.update({"model.params": stats.params, "model.macs_per_sample": stats.macs_per_sample})
+    _log_params_allowing_changes(handle, flat)
+    handle.log_dict({**cfg.to_dict(), "resolved_model": spec.to_dict()}, "config/experiment.json")
+    from scalelab.data.pipeline import tokenizer_path
+
+    handle.log_artifact(tokenizer_path(cfg.data), "tokenizer")
+    return handle, uri
+
+
+def _log_params_allowing_changes(handle: Any, flat: dict[str, Any]) -> None:
+    """Params are immutable in MLflow; a resumable change (e.g. more steps) is recorded as a tag."""
+    existing = handle.client.get_run(handle.run_id).data.params
+    changed = {k: v for k, v in flat.items() if k in existing and existing[k] != str(v)}
+    handle.log_params({k: v for k, v in flat.items() if k not in changed})
+    if changed:
+        handle.set_tags({f"resumed_with.{k}": str(v) for k, v in changed.items()})
+
+
+def worker_env(cfg: ExperimentConfig) -> dict[str, str]:
+    """Environment of the training workers: CPU DeepSpeed when there is no GPU, thread counts, hooks."""
+    env = {k: os.environ[k] for k in _PASSTHROUGH_ENV if k in os.environ}
+    threads = cfg.train.threads_per_worker or max(1, round(cfg.train.cpus_per_worker + 0.49))
+    env["OMP_NUM_THREADS"] = str(threads)
+    if not cfg.train.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def _fit(cfg: ExperimentConfig, run_id: str, uri: str) -> Any:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from scalelab.models import get_spec, preset_stats
+    from scalelab.train.loop import train_worker
+
+    macs = preset_stats(get_spec(cfg.model.preset, **cfg.model.overrides)).macs_per_sample
+    resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"experiment": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": uri,
+                           "macs_per_sample": macs},
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=cfg.run.storage,
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            worker_runtime_env={"env_vars": worker_env(cfg)},
+        ),
+    )
+    return trainer.fit()
+
+
+def ensure_ray() -> None:
+    """Connect to the running Ray cluster (RAY_ADDRESS, or one started with `ray start`), else start
+    a local instance with a modest object store (the default takes ~30% of RAM)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+        return
+    try:
+        ray.init(address="auto")
+    except ConnectionError:
+        ray.init(object_store_memory=1_000_000_000, include_dashboard=False)
