@@ -44,10 +44,12 @@ class TrainResult:
 
 
 def launch(cfg: ExperimentConfig, *, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
-           run_key: tuple[str, str] | None = None, verbose: bool = True) -> TrainResult:
+           run_key: tuple[str, str] | None = None, verbose: bool = True,
+           ray_address: str | None = None) -> TrainResult:
     """Train `cfg` on Ray Train workers; resume its latest checkpoint if the run exists.
 
     `parent_run_id`/`tags`/`run_key` let a sweep nest the run under its parent and find it by trial id.
+    `ray_address`: see `ensure_ray` (ignored when Ray is already initialised in this process).
     Raises ConfigError before starting anything when the config cannot run.
     """
     cfg = resolve_paths(cfg)
@@ -66,7 +68,7 @@ def launch(cfg: ExperimentConfig, *, parent_run_id: str | None = None, tags: dic
         say(f"[{cfg.name}] already finished ({previous.step} steps); nothing to do")
         handle.finish("FINISHED")
         return _result(cfg, handle.run_id, uri, previous, previous.step)
-    ensure_ray()
+    ensure_ray(ray_address)
     try:
         _fit(cfg, handle.run_id, uri)
     except KeyboardInterrupt:
@@ -164,17 +166,25 @@ def _fit(cfg: ExperimentConfig, run_id: str, uri: str) -> Any:
     return trainer.fit()
 
 
-def ensure_ray() -> None:
-    """Connect to the running Ray cluster (RAY_ADDRESS, or one started with `ray start`), else start
-    a local instance with a modest object store (the default takes ~30% of RAM)."""
+def ensure_ray(address: str | None = None) -> None:
+    """Initialise Ray in this process unless it already is.
+
+    `address` None: `RAY_ADDRESS` if set, else the cluster running on this machine (`ray start`), else
+    a new local instance. "local": always a new local instance, with a modest object store (Ray's
+    default takes ~30% of RAM). Anything else is passed to `ray.init(address=...)`.
+    """
     import ray
 
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address not in (None, "local"):
+        ray.init(address=address)
         return
-    try:
-        ray.init(address="auto")
-    except ConnectionError:
-        ray.init(object_store_memory=1_000_000_000, include_dashboard=False)
+    if address is None:
+        try:
+            ray.init(address="auto")
+            return
+        except ConnectionError:
+            pass
+    ray.init(address="local", object_store_memory=1_000_000_000, include_dashboard=False)

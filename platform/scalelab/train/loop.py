@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -253,7 +254,10 @@ class _Reporter:
         self._t0, self._s0 = time.perf_counter(), run.step
 
     def say(self, text: str) -> None:
-        print(f"[{self.cfg.name}] {text}", flush=True)
+        # Straight to the process's stdout (Ray forwards it to the driver): Ray Train patches `print`
+        # to also log, and with MLflow wrapping sys.stdout every line would appear twice.
+        sys.__stdout__.write(f"[{self.cfg.name}] {text}\n")
+        sys.__stdout__.flush()
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         now = time.perf_counter()
