@@ -54,7 +54,7 @@ def make_dataset(out: Path, n_pairs: int, size: int, seed: int = 0) -> Path:
 
 def _cfg(path: Path, size: int, actors: int) -> DataConfig:
     return DataConfig(sources=[DataSourceConfig(path=str(path))], image_size=size, context_length=32,
-                      decode_actors=actors, decode_batch_size=256)
+                      decode_tasks=actors, decode_batch_size=256)
 
 
 def plain_loop(path: Path, size: int) -> float:

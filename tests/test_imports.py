@@ -18,6 +18,7 @@ HOMES = {
 FRAMEWORK_FREE = [
     "scalelab.config", "scalelab.models", "scalelab.losses", "scalelab.gradcache", "scalelab.eval",
     "scalelab.data.shards", "scalelab.data.validate", "scalelab.data.synth", "scalelab.data.batches",
+    "scalelab.scaling",
 ]
 
 

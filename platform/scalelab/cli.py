@@ -3,6 +3,9 @@
     scalelab models [--json]            presets of the model axis: parameters, MACs per sample
     scalelab config [FILE] [--set k=v]  validate an experiment config and print it resolved
     scalelab check [--preset P ...]     verify the cached step against a full-batch backward
+    scalelab train FILE [--set k=v]     train one model on Ray Train workers (resumes an existing run)
+    scalelab export CHECKPOINT OUT      a training checkpoint -> plain fp32 model.pt + config + tokenizer
+    scalelab eval --checkpoint PATH     zero-shot + retrieval metrics of an exported model or a checkpoint
     scalelab data synth|validate|index|from-labels|export-digits|export-fashion-mnist|tokenizer
     scalelab demo                       the main job (for now: models + check; see README)
 """
@@ -12,7 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -79,7 +85,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_experiment(args.file, args.set)
     from scalelab.train.launch import launch  # deferred: imports ray
 
-    result = launch(cfg)
+    result = launch(cfg, ray_address=args.ray)
     _print_metrics(result.final_metrics)
     print(f"MLflow run {result.mlflow_run_id}: mlflow ui --backend-store-uri {result.tracking_uri}")
     return 0
@@ -90,6 +96,100 @@ def _print_metrics(metrics: dict[str, float]) -> None:
         width = max(len(k) for k in metrics)
         for key in sorted(metrics):
             print(f"  {key:<{width}}  {metrics[key]:.4f}")
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from scalelab.train.export import export_checkpoint  # deferred: reads DeepSpeed checkpoint files
+
+    try:
+        out = export_checkpoint(_checkpoint_folder(args.checkpoint), args.out)
+    except FileNotFoundError as err:
+        return _not_found(err)
+    print(f"exported {args.checkpoint} -> {out} (model.pt, config.json, tokenizer.json)")
+    return 0
+
+
+def _not_found(err: object) -> int:
+    """A missing checkpoint, export or tokenizer: one line on stderr, exit status 2 (like ConfigError)."""
+    print(f"scalelab: {err}", file=sys.stderr)
+    return 2
+
+
+def _checkpoint_folder(path: str) -> Path:
+    """A checkpoint folder as given, or the latest checkpoint of a run folder (`<storage>/<name>`)."""
+    from scalelab.train.checkpoint import META_NAME, latest_checkpoint
+
+    folder = Path(path)
+    if not (folder / META_NAME).is_file():
+        latest = latest_checkpoint(folder)
+        if latest is not None:
+            return latest
+    return folder
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from scalelab.eval import load_exported
+    from scalelab.train.export import is_exported
+
+    path = Path(args.checkpoint)
+    if not path.exists():
+        return _not_found(f"--checkpoint {path}: no such file or directory")
+    with tempfile.TemporaryDirectory(prefix="scalelab-export-") as tmp:
+        try:
+            if is_exported(path):
+                model, tokenizer, config = load_exported(path)
+            else:  # a raw training checkpoint (or run folder): export it first, as `scalelab export` would
+                from scalelab.train.export import export_checkpoint
+
+                exported = export_checkpoint(_checkpoint_folder(args.checkpoint), tmp)
+                model, tokenizer, config = load_exported(exported)
+        except FileNotFoundError as err:
+            return _not_found(err)
+        metrics = _evaluate_checkpoint(model, tokenizer, config["experiment"]["eval"], args)
+    if args.json:
+        print(json.dumps(metrics, indent=1, sort_keys=True))
+    else:
+        print(f"{path} (step {config['step']}, {config['samples_seen']} samples seen)")
+        _print_metrics(metrics)
+    return 0
+
+
+def _evaluate_checkpoint(model: Any, tokenizer: Any, defaults: dict[str, Any],
+                         args: argparse.Namespace) -> dict[str, float]:
+    """The training loop's evaluation (`loop._Evaluator`) with the config's eval section as defaults."""
+    from scalelab.eval import evaluate_retrieval, evaluate_sets
+
+    sets = dict(defaults.get("sets") or {})
+    if args.set:
+        sets = dict(_name_dir(item) for item in args.set)
+    # The config's shifted sets apply only to those still evaluated when --set replaced the sets.
+    shifted = args.shifted
+    if shifted is None:
+        shifted = [s for s in defaults.get("shifted", []) if s in sets]
+    unknown = [s for s in shifted if s not in sets]
+    if unknown:
+        raise ConfigError(f"--shifted {unknown}: not among the evaluated sets {sorted(sets)}")
+    retrieval = args.retrieval if args.retrieval is not None else defaults.get("retrieval")
+    for name, directory in [*sets.items(), *([("retrieval", retrieval)] if retrieval else [])]:
+        if not Path(directory).is_dir():
+            raise ConfigError(f"eval set {name!r}: directory {directory} does not exist")
+    if not sets and not retrieval:
+        raise ConfigError("nothing to evaluate: the checkpoint's config has no eval sets; "
+                          "give --set NAME=DIR or --retrieval DIR")
+    batch = args.batch_size or int(defaults.get("batch_size") or 256)
+    metrics: dict[str, float] = {}
+    if sets:
+        metrics.update(evaluate_sets(model, tokenizer, sets, shifted=shifted, batch_size=batch))
+    if retrieval:
+        metrics.update(evaluate_retrieval(model, tokenizer, retrieval, batch_size=batch))
+    return metrics
+
+
+def _name_dir(item: str) -> tuple[str, str]:
+    name, sep, directory = item.partition("=")
+    if not sep or not name or not directory:
+        raise ConfigError(f"--set {item!r}: expected NAME=DIR")
+    return name, directory
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -130,7 +230,27 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train one model on Ray Train workers (resumes an existing run)")
     t.add_argument("file", help="experiment YAML, e.g. experiments/smoke.yaml")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dot override")
+    t.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="Ray to use: 'local' starts a new local instance; default RAY_ADDRESS, else the "
+                        "cluster running on this machine, else a new local instance")
     t.set_defaults(func=_cmd_train)
+
+    x = sub.add_parser("export", help="write a training checkpoint as a plain fp32 model directory")
+    x.add_argument("checkpoint", help="checkpoint folder <storage>/<name>/step_* (or the run folder: latest)")
+    x.add_argument("out", help="output directory (model.pt, config.json, tokenizer.json)")
+    x.set_defaults(func=_cmd_export)
+
+    e = sub.add_parser("eval", help="zero-shot and retrieval metrics of an exported model or a checkpoint")
+    e.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="an exported directory, or a training checkpoint folder (exported to a temp dir)")
+    e.add_argument("--set", action="append", default=[], metavar="NAME=DIR",
+                   help="zero-shot ImageFolder set (repeatable; replaces the config's eval.sets)")
+    e.add_argument("--shifted", nargs="*", default=None, metavar="NAME",
+                   help="sets counted as distribution shifts (default: the config's, among the sets)")
+    e.add_argument("--retrieval", default=None, metavar="DIR", help="retrieval pairs (default: the config's)")
+    e.add_argument("--batch-size", type=int, default=None, help="encode batch (default: eval.batch_size)")
+    e.add_argument("--json", action="store_true", help="machine-readable output")
+    e.set_defaults(func=_cmd_eval)
 
     add_data_commands(sub)
 

@@ -165,7 +165,7 @@ class DataConfig(Frozen):
     hflip: bool = Field(
         False, description="Random horizontal flip. Off by default: captions may say 'left'/'right'."
     )
-    decode_actors: int = Field(1, gt=0, description="Size of the Ray Data actor pool that decodes.")
+    decode_tasks: int = Field(1, gt=0, description="Decode tasks running at once per dataset (Ray Data).")
     decode_batch_size: int = Field(256, gt=0, description="Rows per map_batches call.")
     decode_cpus: float = Field(
         1.0, gt=0, description="CPUs each decode actor reserves (fractions share a core with training)."
@@ -351,12 +351,9 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     return "; ".join(lines)
 
 
-_CONFIG_CLASSES: dict[str, type[BaseModel]] = {}
-
-
 def _model_at(title: str, loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """Find the config class at a location inside the model named `title` (for 'allowed' lists)."""
-    cls = _CONFIG_CLASSES.get(title)
+    cls = _config_classes().get(title)
     for part in loc:
         if isinstance(part, int) and cls is not None:
             continue  # an index into a list field: the element class was resolved below
@@ -377,13 +374,15 @@ def _config_class_of(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _register_config_classes() -> None:
-    for cls in (ExperimentConfig, ModelConfig, ModelSpec, ImageTowerConfig, TextTowerConfig,
-                LossConfig, OptimConfig, TrainConfig, DataConfig, DataSourceConfig):
-        _CONFIG_CLASSES[cls.__name__] = cls
-
-
-_register_config_classes()
+def _config_classes() -> dict[str, type[BaseModel]]:
+    """Every config class by name, including those defined in other modules (e.g. the sweep config)."""
+    found: dict[str, type[BaseModel]] = {}
+    todo: list[type[BaseModel]] = [Frozen]
+    while todo:
+        cls = todo.pop()
+        found[cls.__name__] = cls
+        todo.extend(cls.__subclasses__())
+    return found
 
 
 def validate(cls: type[Frozen], data: Mapping[str, Any], prefix: str = "") -> Any:

@@ -23,8 +23,9 @@ The only module of `scalelab.data` that imports Ray. Three steps:
    identifies the remaining rows exactly (`iter_train_batches(..., start_sample=samples_seen)`).
    Costs: every rank opens the shards its rows fall in (the tar reader reads all headers, then seeks
    to the wanted members only); resuming decodes, then drops, the rows before `start_sample`.
-3. **Ray Data** — `from_items(block specs) → map_batches(_ReadDecode, ActorPoolStrategy)`: each actor
-   call reads one block's rows (`decode_batch_size` of them) from their shards and decodes them.
+3. **Ray Data** — `from_items(block specs) → map_batches(_read_decode)` as tasks (`decode_tasks` at
+   once, `decode_cpus` each): each task reads one block's rows (`decode_batch_size` of them) from
+   their shards and decodes them.
    Shards are read by our own map function through `scalelab.data.shards.iter_shard` rather than
    `read_webdataset` because the requirements are row-exact: a prefix of the last shard, a fixed
    per-epoch row order, a truncated / unreadable shard logged with its path and turned into invalid
@@ -39,6 +40,7 @@ Augmentation randomness is seeded by (seed, epoch, index), so a resumed epoch de
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
@@ -55,7 +57,7 @@ from scalelab.config import ConfigError, DataConfig
 from scalelab.data.batches import Batch, TrainBatchIterator, iter_train_batches
 from scalelab.data.transforms import CLIP_MEAN, CLIP_STD
 
-if TYPE_CHECKING:  # torch is imported where batches are made: decode actors start faster without it
+if TYPE_CHECKING:  # torch is imported where batches are made: decode tasks start faster without it
     pass
 
 __all__ = [
@@ -294,25 +296,30 @@ class _Decode:
         return (arr - self.mean) / self.std
 
 
-class _ReadDecode(_Decode):
-    """Actor: read its blocks' rows from the shards, then decode them.
+@functools.lru_cache(maxsize=8)
+def _decoder(**decode: Any) -> _Decode:
+    """One `_Decode` per (settings, epoch) per process: Ray reuses its worker processes across tasks,
+    so the tokenizer loads once per process instead of once per block."""
+    return _Decode(**decode)
 
-    One stage rather than read tasks + decode actors: on a small machine the actor pool takes every CPU
-    and a separate read stage would wait forever for one; raw bytes also skip the object store.
+
+def _read_decode(specs: dict[str, np.ndarray], *, plan: Any, slices: tuple[dict[str, Any], ...],
+                 **decode: Any) -> dict[str, np.ndarray]:
+    """Task: read the rows of its blocks from the shards, then decode them.
+
+    One stage rather than read tasks + decode tasks: raw bytes skip the object store. Tasks rather
+    than an actor pool: an actor pool is started (processes, imports, tokenizer) for every epoch's
+    dataset, which cost seconds per epoch per worker; tasks run in Ray's pooled, already-warm worker
+    processes.
     """
-
-    def __init__(self, plan: Any, slices: tuple[dict[str, Any], ...], **decode: Any) -> None:
-        super().__init__(**decode)
-        self.plan = ray.get(plan) if isinstance(plan, ray.ObjectRef) else np.asarray(plan)
-        self.slices = slices
-
-    def __call__(self, specs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = []
-        for a, b in zip(specs["start"].tolist(), specs["stop"].tolist()):
-            sid, ordinal, index = self.plan[:, a:b]
-            rows = _read_block({"slice_id": sid, "ordinal": ordinal, "index": index}, slices=self.slices)
-            out.append(super().__call__(_columns(rows)))
-        return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
+    table = ray.get(plan) if isinstance(plan, ray.ObjectRef) else np.asarray(plan)
+    decoder = _decoder(**decode)
+    out = []
+    for a, b in zip(specs["start"].tolist(), specs["stop"].tolist()):
+        sid, ordinal, index = table[:, a:b]
+        rows = _read_block({"slice_id": sid, "ordinal": ordinal, "index": index}, slices=slices)
+        out.append(decoder(_columns(rows)))
+    return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
 
 
 def _columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
@@ -365,7 +372,8 @@ def build_dataset(
     """This rank's rows of one epoch as a lazy Ray Dataset (see the module docstring for the order).
 
     `train=False` switches to the eval transform (resize + centre crop); the order still follows
-    `epoch`. Build one dataset per epoch and per worker; each starts its own decode actors.
+    `epoch`. Build one dataset per epoch and per worker; its decode tasks run in Ray's pooled
+    worker processes, so a new epoch starts in well under a second once they are warm.
     """
     tok = tokenizer_path(cfg)
     plan = plan_epoch(cfg, epoch, rank=rank, world_size=world_size)
@@ -373,14 +381,15 @@ def build_dataset(
         raise RuntimeError(f"epoch {epoch}, rank {rank}/{world_size}: no rows selected from {cfg.sources}")
     step = cfg.decode_batch_size
     specs = [{"start": a, "stop": min(a + step, len(plan))} for a in range(0, len(plan), step)]
-    # The plan goes through the object store once (zero-copy for the actors on a node), not per task.
+    # The plan goes through the object store once (zero-copy for tasks on the node), not per task.
     plan_ref = ray.put(np.stack([plan.slice_id, plan.ordinal, plan.index]))
     ds = ray.data.from_items(specs, override_num_blocks=len(specs)).map_batches(
-        _ReadDecode,
-        compute=ray.data.ActorPoolStrategy(size=cfg.decode_actors),
+        _read_decode,
+        compute=ray.data.TaskPoolStrategy(size=cfg.decode_tasks),
+        num_cpus=cfg.decode_cpus,
         batch_size=1,  # one block spec = decode_batch_size rows per call
         batch_format="numpy",
-        fn_constructor_kwargs={
+        fn_kwargs={
             "plan": plan_ref, "slices": tuple(asdict(s) for s in plan.slices),
             "tokenizer": str(tok), "image_size": cfg.image_size, "context_length": cfg.context_length,
             "train": train, "augment": cfg.augment, "crop_scale": tuple(cfg.crop_scale), "hflip": cfg.hflip,

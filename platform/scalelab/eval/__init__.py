@@ -1,4 +1,5 @@
-"""Evaluation: zero-shot classification with prompt ensembles, the robustness suite, image↔text retrieval.
+"""Evaluation: zero-shot classification with prompt ensembles, the robustness suite, image↔text retrieval,
+and loading a model written by `scalelab export` (`load_exported`).
 
 Depends on `scalelab.models` and `scalelab.data` (never ray, deepspeed or mlflow): the training loop
 calls these functions and reports the returned stable metric keys (`eval/zeroshot/<set>/top1`, ...).
@@ -12,6 +13,7 @@ from scalelab.eval.datasets import (
     load_pairs,
     preprocess_eval,
 )
+from scalelab.eval.load import load_exported
 from scalelab.eval.retrieval import evaluate_retrieval, retrieval_metrics
 from scalelab.eval.zeroshot import (
     class_embeddings,
@@ -34,6 +36,7 @@ __all__ = [
     "evaluate_retrieval",
     "evaluate_sets",
     "fill_templates",
+    "load_exported",
     "load_image_folder",
     "load_pairs",
     "preprocess_eval",

@@ -7,7 +7,13 @@ Imports torch, timm and scalelab.config — never ray, deepspeed or mlflow.
 from scalelab.models.dual import DualEncoder, Temperature
 from scalelab.models.image import ImageTower, create_backbone, has_batchnorm, swap_batchnorm_for_groupnorm
 from scalelab.models.presets import build_model, create_model, get_spec, list_presets, register_preset
-from scalelab.models.stats import ModelStats, count_params, preset_stats, preset_table
+from scalelab.models.stats import (
+    ModelStats,
+    activation_bytes_per_sample,
+    count_params,
+    preset_stats,
+    preset_table,
+)
 from scalelab.models.text import PAD_ID, TextTower
 
 __all__ = [
@@ -17,6 +23,7 @@ __all__ = [
     "ModelStats",
     "Temperature",
     "TextTower",
+    "activation_bytes_per_sample",
     "build_model",
     "count_params",
     "create_backbone",

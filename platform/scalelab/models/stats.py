@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from scalelab.config import ModelSpec
 from scalelab.models.presets import build_model, get_spec, list_presets
 
-__all__ = ["ModelStats", "count_params", "preset_stats", "preset_table"]
+__all__ = ["ModelStats", "activation_bytes_per_sample", "count_params", "preset_stats", "preset_table"]
 
 
 @dataclass(frozen=True)
@@ -84,3 +84,36 @@ def preset_stats(name_or_spec: str | ModelSpec) -> ModelStats:
 def preset_table() -> list[ModelStats]:
     """`preset_stats` of every registered preset, in registration order."""
     return [preset_stats(name) for name in list_presets()]
+
+
+def activation_bytes_per_sample(name_or_spec: str | ModelSpec) -> float:
+    """Bytes autograd saves for the backward pass per training sample (fp32), on the meta device.
+
+    This is what one gradient-cache micro-batch costs in activation memory per sample (phase 3
+    re-encodes a micro-batch with autograd): every tensor saved for backward is counted through
+    `saved_tensors_hooks` during a forward of batch 2 and of batch 1; the difference removes what does
+    not scale with the batch (weights saved by matmuls). An upper bound: on meta, attention is
+    decomposed and its B×heads×L×L probabilities are counted, which fused kernels do not keep;
+    activation checkpointing reduces it further (not modelled). Sweeps size micro-batches with it.
+    """
+    spec = get_spec(name_or_spec) if isinstance(name_or_spec, str) else name_or_spec
+    meta = torch.device("meta")
+    with meta:
+        model = build_model(spec).train()
+
+    def saved(batch: int) -> int:
+        total = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        images = torch.empty(batch, 3, spec.image_size, spec.image_size, device=meta)
+        tokens = torch.ones(batch, spec.context_length, dtype=torch.long, device=meta)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.encode_image(images)
+            model.encode_text(tokens)
+        return total
+
+    return float(saved(2) - saved(1))

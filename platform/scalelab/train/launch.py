@@ -45,11 +45,12 @@ class TrainResult:
 
 def launch(cfg: ExperimentConfig, *, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
            run_key: tuple[str, str] | None = None, verbose: bool = True,
-           ray_address: str | None = None) -> TrainResult:
+           ray_address: str | None = None, callbacks: list[Any] | None = None) -> TrainResult:
     """Train `cfg` on Ray Train workers; resume its latest checkpoint if the run exists.
 
     `parent_run_id`/`tags`/`run_key` let a sweep nest the run under its parent and find it by trial id.
     `ray_address`: see `ensure_ray` (ignored when Ray is already initialised in this process).
+    `callbacks`: Ray Train callbacks (a sweep passes Tune's report callback).
     Raises ConfigError before starting anything when the config cannot run.
     """
     cfg = resolve_paths(cfg)
@@ -70,7 +71,7 @@ def launch(cfg: ExperimentConfig, *, parent_run_id: str | None = None, tags: dic
         return _result(cfg, handle.run_id, uri, previous, previous.step)
     ensure_ray(ray_address)
     try:
-        _fit(cfg, handle.run_id, uri)
+        _fit(cfg, handle.run_id, uri, callbacks or [])
     except KeyboardInterrupt:
         handle.finish("KILLED")
         raise
@@ -140,7 +141,7 @@ def worker_env(cfg: ExperimentConfig) -> dict[str, str]:
     return env
 
 
-def _fit(cfg: ExperimentConfig, run_id: str, uri: str) -> Any:
+def _fit(cfg: ExperimentConfig, run_id: str, uri: str, callbacks: list[Any]) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -161,6 +162,7 @@ def _fit(cfg: ExperimentConfig, run_id: str, uri: str) -> Any:
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             worker_runtime_env={"env_vars": worker_env(cfg)},
+            callbacks=callbacks,
         ),
     )
     return trainer.fit()

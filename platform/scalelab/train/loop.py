@@ -95,27 +95,38 @@ def _train(cfg: ExperimentConfig, engine: Any, run: RunState, mine: RankState, r
         metrics.update({"train/samples_seen": run.samples_seen, "train/epoch": stream.epoch,
                         "train/compute_macs": training_macs(config["macs_per_sample"], run.samples_seen),
                         "train/peak_memory_mb": _peak_memory_mb()})
-        if run.step % cfg.run.log_every == 0 or last:
+        logged = run.step % cfg.run.log_every == 0 or last
+        if logged:
             metrics.update(stream.skipped_totals())
             if reporter:
                 reporter.log(metrics, run.step)
+        evaluated = None
         if last or (every_eval and run.step % every_eval == 0):
-            final = _evaluate(engine, evaluator, cfg)
+            evaluated = _evaluate(engine, evaluator, cfg)
             if reporter:
-                reporter.log_eval(final, run.step, last)
+                reporter.log_eval(evaluated, run.step, last)
             if last:
-                run.final_metrics = final or {}
+                run.final_metrics = evaluated or {}
         if last or (every_ckpt and run.step % every_ckpt == 0):
             run.finished = last
-            _checkpoint(engine, run, stream.state(), rank, metrics)
+            _report(run, metrics, evaluated, checkpoint=(engine, stream.state(), rank))
+        elif logged:
+            _report(run, metrics, evaluated)
 
 
-def _checkpoint(engine: Any, run: RunState, state: RankState, rank: int, metrics: dict[str, Any]) -> None:
-    """Every rank writes its share into a local folder and reports it; Ray merges them on storage."""
+def _report(run: RunState, metrics: dict[str, Any], evaluated: dict[str, float] | None,
+            checkpoint: tuple[Any, RankState, int] | None = None) -> None:
+    """`ray.train.report` (a barrier: every rank calls it at the same steps) with rank 0's metrics —
+    what a sweep's live table shows — and, at checkpoint steps, every rank's share of the checkpoint
+    written to a local folder, which Ray merges on storage."""
+    report = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k.startswith("train/")}
+    report.update({"step": run.step, "samples_seen": run.samples_seen, **(evaluated or {})})
+    if checkpoint is None:
+        ray.train.report(report)
+        return
+    engine, state, rank = checkpoint
     with tempfile.TemporaryDirectory(prefix="scalelab-ckpt-") as tmp:
         save_checkpoint(engine, tmp, run, state, rank)
-        report = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k.startswith("train/")}
-        report.update({"step": run.step, "samples_seen": run.samples_seen, **run.final_metrics})
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=checkpoint_name(run.step))
 
@@ -217,12 +228,11 @@ class _Evaluator:
         self.model = create_model(cfg.model.preset, **cfg.model.overrides).float().eval()
         self.tokenizer = load_tokenizer(tokenizer_path(cfg.data))
 
-    def __call__(self, module: torch.nn.Module) -> dict[str, float]:
+    def __call__(self, weights: dict[str, torch.Tensor]) -> dict[str, float]:
         from scalelab.eval import evaluate_retrieval, evaluate_sets
 
-        state = {k: v.detach().float().reshape(self.model.state_dict()[k].shape)
-                 for k, v in module.state_dict().items()}
-        self.model.load_state_dict(state)
+        shapes = self.model.state_dict()
+        self.model.load_state_dict({k: v.float().reshape(shapes[k].shape) for k, v in weights.items()})
         e = self.cfg.eval
         out = evaluate_sets(self.model, self.tokenizer, e.sets, shifted=e.shifted, batch_size=e.batch_size)
         if e.retrieval:
@@ -231,14 +241,24 @@ class _Evaluator:
 
 
 def _evaluate(engine: Any, evaluator: _Evaluator | None, cfg: ExperimentConfig) -> dict[str, float] | None:
-    """Rank 0 evaluates; under ZeRO-3 every rank joins the parameter gather first (collective)."""
+    """Rank 0 evaluates the weights `scalelab export` would write: the optimizer's fp32 master copies
+    where there are any (ZeRO-1/2/3), else the module's own parameters (ZeRO-0; with bf16 the wrapper
+    optimizer's masters are not readable through this API, so a bf16 ZeRO-0 run evaluates its bf16
+    module while its export holds the masters). Collective: reading a full master (all-reduce / ZeRO-3
+    gather) needs every rank."""
     if not (cfg.eval.sets or cfg.eval.retrieval):
         return None
     import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
 
-    params = list(engine.module.parameters())
-    with deepspeed.zero.GatheredParameters(params, enabled=zero_stage(engine) == 3):
-        return evaluator(engine.module) if evaluator is not None else None
+    params = dict(engine.module.named_parameters())
+    masters = {name: safe_get_full_fp32_param(p) for name, p in params.items()}
+    with deepspeed.zero.GatheredParameters(list(params.values()), enabled=zero_stage(engine) == 3):
+        if evaluator is None:
+            return None
+        weights = dict(engine.module.state_dict())  # buffers, and parameters without a master copy
+        weights.update({name: m for name, m in masters.items() if m is not None})
+        return evaluator(weights)
 
 
 # --------------------------------------------------------------------------- reporting (rank 0)
