@@ -6,6 +6,8 @@
     scalelab train FILE [--set k=v]     train one model on Ray Train workers (resumes an existing run)
     scalelab export CHECKPOINT OUT      a training checkpoint -> plain fp32 model.pt + config + tokenizer
     scalelab eval --checkpoint PATH     zero-shot + retrieval metrics of an exported model or a checkpoint
+    scalelab sweep FILE [--set k=v]     run or resume a data x model x batch sweep (--status: its grid)
+    scalelab plot SWEEP_DIR             a sweep's results table, fits and plots, recomputed offline
     scalelab data synth|validate|index|from-labels|export-digits|export-fashion-mnist|tokenizer
     scalelab demo                       the main job (for now: models + check; see README)
 """
@@ -24,6 +26,7 @@ import yaml
 
 from scalelab.config import ConfigError
 from scalelab.data.cli import add_data_commands
+from scalelab.sweep.commands import add_sweep_commands
 
 __all__ = ["main"]
 
@@ -253,6 +256,7 @@ def _parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_eval)
 
     add_data_commands(sub)
+    add_sweep_commands(sub)
 
     d = sub.add_parser("demo", help="the main job (see README)")
     d.set_defaults(func=_cmd_demo)

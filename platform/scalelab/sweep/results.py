@@ -1,0 +1,89 @@
+"""A sweep's state on disk and its per-trial results, read back from MLflow (the source of truth).
+
+`<storage>/<sweep>/sweep.json` records what the driver planned — the grid (trial names and axis
+values), the tracking URI, the MLflow experiment, the parent run id, the metrics — so `--status` and
+`scalelab plot SWEEP_DIR` work offline and a re-run finds its parent run. The results of the trials
+come from their child runs (tags `sweep`, `trial`, `axis.*`; params `model.params`,
+`model.macs_per_sample`; metric histories), never from Tune's own bookkeeping, which restarts
+`training_iteration` on resume.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scalelab.scaling import TrialResult
+
+__all__ = ["SweepState", "collect_results", "read_state", "state_path", "write_state"]
+
+STATE_NAME = "sweep.json"
+MLFLOW_TO_TUNE_STATE = {"FINISHED": "TERMINATED", "FAILED": "ERROR", "KILLED": "ERROR",
+                        "RUNNING": "RUNNING", "SCHEDULED": "PENDING"}
+
+
+@dataclass
+class SweepState:
+    """What `sweep.json` holds."""
+
+    name: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    metric: str
+    robustness_metric: str | None
+    predict_compute: float | None
+    trials: list[dict[str, Any]] = field(default_factory=list)  # name, data, model, batch, extra
+
+
+def state_path(sweep_dir: str | Path) -> Path:
+    return Path(sweep_dir) / STATE_NAME
+
+
+def write_state(sweep_dir: str | Path, state: SweepState) -> None:
+    path = state_path(sweep_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(state), indent=1))
+    tmp.replace(path)  # atomic: a killed driver never leaves half a state file
+
+
+def read_state(sweep_dir: str | Path) -> SweepState:
+    path = state_path(sweep_dir)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{sweep_dir} is not a sweep folder (no {STATE_NAME}); run `scalelab sweep` first"
+        )
+    return SweepState(**json.loads(path.read_text()))
+
+
+def collect_results(state: SweepState) -> list[TrialResult]:
+    """One TrialResult per planned trial: finished, running, failed or not started (PENDING)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(state.tracking_uri)
+    runs = client.search_runs([state.experiment_id], f"tags.sweep = '{state.name}'", max_results=10_000)
+    by_trial = {r.data.tags.get("trial"): r for r in runs}
+    return [_result(client, planned, by_trial.get(planned["name"])) for planned in state.trials]
+
+
+def _result(client: Any, planned: dict[str, Any], run: Any) -> TrialResult:
+    base = {"trial_id": planned["name"], "data": int(planned["data"]), "model": planned["model"],
+            "batch": int(planned["batch"]), "extra": dict(planned.get("extra") or {})}
+    if run is None:
+        return TrialResult(**base, params=0, macs_per_sample=0, samples_seen=0, compute=0.0, wall_s=0.0,
+                           metrics={}, state="PENDING", curve=[])
+    params = run.data.params
+    macs = int(params.get("model.macs_per_sample", 0))
+    metrics = dict(run.data.metrics)
+    seen = int(metrics.get("train/samples_seen", 0))
+    end = run.info.end_time or run.info.start_time
+    curve = [(int(m.step) * base["batch"], float(m.value))
+             for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    return TrialResult(
+        **base, params=int(params.get("model.params", 0)), macs_per_sample=macs, samples_seen=seen,
+        compute=3.0 * macs * seen, wall_s=max(0.0, (end - run.info.start_time) / 1000.0), metrics=metrics,
+        state=MLFLOW_TO_TUNE_STATE.get(run.info.status, run.info.status), curve=sorted(set(curve)),
+    )

@@ -1,0 +1,189 @@
+"""The sweep driver: checks every trial, creates the parent MLflow run, runs the grid on Ray Tune.
+
+Tune runs a plain function per trial (the Train V2 pattern: a trial builds its `TorchTrainer` through
+`train.launch` and calls `fit()`), on a plain grid with FIFO scheduling — early-stopping schedulers
+compare trials at equal iterations, meaningless across model and batch sizes, and would kill the
+points a scaling curve needs. Each trial's Train run is named `<sweep>--<point>` under
+`<storage>/<sweep>/trials`, so a re-run trial resumes its own checkpoints; its MLflow run is the
+parent's child, found again by the `scalelab.trial` tag, so a resumed trial never opens a duplicate.
+
+Resume: the Tune experiment lives in `<storage>/<sweep>/tune`. Running the same command again restores
+it (`Tuner.restore(..., resume_unfinished=True, resume_errored=True)`): finished trials are kept, the
+interrupted and failed ones continue from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from scalelab.config import ConfigError, resolve_paths
+from scalelab.sweep.analysis import analyse, log_analysis, summary_lines
+from scalelab.sweep.config import SweepConfig, Trial, expand
+from scalelab.sweep.results import SweepState, collect_results, read_state, state_path, write_state
+
+__all__ = ["TRIAL_TAG", "run_sweep", "sweep_dir"]
+
+TRIAL_TAG = "scalelab.trial"
+PARENT_TAG = "scalelab.sweep_parent"
+ROOT_ENV = "SCALELAB_ROOT"
+
+
+def sweep_dir(sweep: SweepConfig) -> Path:
+    return Path(sweep.storage) / sweep.name
+
+
+def resolve_root(sweep: SweepConfig) -> SweepConfig:
+    """Make `storage` absolute: against `SCALELAB_ROOT` when set, else the current directory — except
+    inside a submitted Ray job, whose current directory is a temporary copy of the working dir that
+    disappears with the job: there a relative storage is refused unless `SCALELAB_ROOT` names a root."""
+    if "://" in sweep.storage or Path(sweep.storage).is_absolute():
+        return sweep
+    root = os.environ.get(ROOT_ENV)
+    if root is None and _in_ray_job_working_dir():
+        raise ConfigError(
+            f"storage={sweep.storage!r} is relative, and this is a Ray job running in a temporary working "
+            f"dir: pass an absolute --set storage=/shared/runs (or s3://...), or set {ROOT_ENV} in the "
+            "job's runtime env"
+        )
+    base = Path(root) if root else Path.cwd()
+    return sweep.model_copy(update={"storage": str((base / sweep.storage).resolve())})
+
+
+def _in_ray_job_working_dir() -> bool:
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return False
+    try:
+        return bool(json.loads(raw).get("runtime_env", {}).get("working_dir"))
+    except (ValueError, AttributeError):
+        return False
+
+
+def plan(sweep: SweepConfig, base: dict[str, Any]) -> list[Trial]:
+    """Every trial, expanded and checked (paths, preset/data agreement, resume compatibility) up front."""
+    from scalelab.models import activation_bytes_per_sample
+    from scalelab.train.preflight import check_experiment, check_resume
+
+    per_sample = None
+    if sweep.micro_batch.memory_mb is not None:
+        per_sample = {m: activation_bytes_per_sample(m) for m in sweep.axes.model}
+    root = Path(os.environ.get(ROOT_ENV) or Path.cwd())
+    trials = [Trial(t.name, t.data, t.model, t.batch, t.extra, resolve_paths(t.experiment, root))
+              for t in expand(sweep, base, bytes_per_sample=per_sample)]
+    for t in trials:
+        try:
+            check_experiment(t.experiment)
+            check_resume(t.experiment)
+        except ConfigError as err:
+            raise ConfigError(f"trial {t.name}: {err}") from None
+    return trials
+
+
+def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, ray_address: str | None = None,
+              verbose: bool = True) -> tuple[SweepState, list[Any]]:
+    """Run (or resume) the sweep; returns its state and the per-trial results."""
+    from scalelab.tracking import resolve_tracking_uri
+
+    sweep = resolve_root(sweep)
+    uri = resolve_tracking_uri(sweep.tracking_uri, sweep.storage)
+    sweep = sweep.model_copy(update={"tracking_uri": uri})
+    trials = plan(sweep, base)
+    state = _parent_run(sweep, trials)
+    say = print if verbose else (lambda *_: None)
+    say(f"[{sweep.name}] {len(trials)} trials; MLflow parent run {state.parent_run_id}; "
+        f"state in {sweep_dir(sweep)}")
+
+    from scalelab.train.launch import ensure_ray
+
+    ensure_ray(ray_address)
+    _tune(sweep, trials, state, say)
+    results = collect_results(state)
+    analysis = analyse(state, results)
+    with tempfile.TemporaryDirectory(prefix="scalelab-analysis-") as scratch:
+        log_analysis(state, results, analysis, Path(scratch))
+    _finish_parent(state, results)
+    for line in summary_lines(state, results, analysis):
+        say(line)
+    say(f"open MLflow: mlflow ui --backend-store-uri {uri}  →  "
+        f"http://127.0.0.1:5000/#/experiments/{state.experiment_id}/runs/{state.parent_run_id}")
+    return state, results
+
+
+def _parent_run(sweep: SweepConfig, trials: list[Trial]) -> SweepState:
+    """The sweep's parent run: created once, its id kept in sweep.json; a re-run reuses it."""
+    from scalelab.config import flatten
+    from scalelab.tracking import (
+        code_version,
+        default_artifact_root,
+        get_or_create_experiment,
+        start_or_resume_run,
+    )
+
+    uri = sweep.tracking_uri
+    artifacts = default_artifact_root(uri, sweep.storage)
+    experiment = get_or_create_experiment(sweep.mlflow_experiment, uri, artifacts)
+    previous = read_state(sweep_dir(sweep)) if state_path(sweep_dir(sweep)).is_file() else None
+    planned = [{"name": t.name, "data": t.data, "model": t.model, "batch": t.batch, "extra": t.extra}
+               for t in trials]
+    if previous is not None and [p["name"] for p in previous.trials] != [p["name"] for p in planned]:
+        raise ConfigError(
+            f"sweep {sweep.name!r} at {sweep_dir(sweep)} was started with another grid; a resumed sweep "
+            "cannot change its search space — choose a new sweep name"
+        )
+    handle = start_or_resume_run(uri, experiment, run_name=sweep.name, resume_tag=(PARENT_TAG, sweep.name),
+                                 tags={**code_version(), "sweep": sweep.name, "scalelab.role": "sweep"})
+    flat = {k: v for k, v in flatten(sweep.to_dict()).items() if k != "tracking_uri"}
+    existing = handle.client.get_run(handle.run_id).data.params
+    handle.log_params({k: v for k, v in flat.items() if k not in existing})
+    state = SweepState(sweep.name, uri, experiment, handle.run_id, sweep.metric, sweep.robustness_metric,
+                       sweep.predict_compute, planned)
+    write_state(sweep_dir(sweep), state)
+    handle.log_dict({"sweep": sweep.to_dict(), "trials": planned}, "sweep.json")
+    return state
+
+
+def _finish_parent(state: SweepState, results: list[Any]) -> None:
+    from scalelab.tracking import RunHandle
+
+    done = all(r.finished for r in results)
+    RunHandle(state.tracking_uri, state.parent_run_id).finish("FINISHED" if done else "FAILED")
+
+
+def _tune(sweep: SweepConfig, trials: list[Trial], state: SweepState, say: Any) -> Any:
+    from ray import tune
+
+    from scalelab.sweep.live import LiveTable, Refit
+    from scalelab.sweep.trial import run_trial
+
+    path = sweep_dir(sweep) / "tune"
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, experiments={t.name: t.experiment.to_dict() for t in trials},
+                             axes={t.name: (t.data, t.model, t.batch) for t in trials},
+                             sweep_name=sweep.name, parent_run_id=state.parent_run_id),
+        {"cpu": 0.01},  # the trial function only waits on its TorchTrainer, whose workers hold the CPUs
+    )
+    callbacks = [LiveTable(sweep.metric, say), Refit(state)]
+    if tune.Tuner.can_restore(str(path)):
+        say(f"[{sweep.name}] resuming the sweep from {path}: finished trials are kept, "
+            "interrupted and failed ones continue from their checkpoints")
+        # The run config (callbacks included) comes back from the pickled Tuner state.
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search([t.name for t in trials])},
+            tune_config=tune.TuneConfig(max_concurrent_trials=sweep.resources.max_concurrent_trials,
+                                        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+            run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir(sweep)), callbacks=callbacks,
+                                      verbose=0),
+        )
+    return tuner.fit()
+
+
+def _trial_name(trial: Any) -> str:
+    return str(trial.config["trial"])
