@@ -10,8 +10,10 @@ export DS_ACCELERATOR := cpu
 
 .PHONY: venv sysdeps test demo lint bench clean
 
-# Debian packages the tests use: Fashion-MNIST (real labelled images for the labels->text tests).
+# Debian packages the tests use: Fashion-MNIST (real labelled images for the labels->text tests) and
+# Chromium (the headless-browser test of the MLflow UI).
 SYSTEM_PACKAGES := dataset-fashion-mnist
+BROWSER_PACKAGE := chromium
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +34,13 @@ sysdeps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); \
 	  else \
 	    echo "note: the Fashion-MNIST tests need Debian's $(SYSTEM_PACKAGES) (apt-get install $(SYSTEM_PACKAGES))"; \
+	  fi; \
+	fi
+	@if ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BROWSER_PACKAGE); \
+	  else \
+	    echo "note: the MLflow UI browser test needs Debian's $(BROWSER_PACKAGE) (apt-get install $(BROWSER_PACKAGE))"; \
 	  fi; \
 	fi
 

@@ -1,14 +1,15 @@
 """Input-pipeline throughput: Ray Data pipeline vs a plain single-process loop vs what training consumes.
 
-    python benchmarks/data.py                         # 4000 pairs, 64 px, Ray with 2 CPUs, 1 and 2 actors
-    python benchmarks/data.py --n-pairs 1000 --sizes 32 64 --actors 2
+    python benchmarks/data.py                         # 4000 pairs, 64 px, 2 CPUs, 1 and 2 decode tasks
+    python benchmarks/data.py --n-pairs 1000 --sizes 32 64 --tasks 2
 
 Input shards are generated here (Pillow-drawn PNGs, 500 per shard, slightly larger than the training
 resolution so every sample is cropped and resized) in a temporary directory, plus a Unigram tokenizer.
 - plain: one process reads the shards with `iter_shard` and runs the pipeline's own decode stage
   (Pillow decode, random-resized-crop, CLIP normalisation, tokenization) in batches — no Ray.
 - ray: `build_dataset` + `iter_train_batches(batch 256)` on a local Ray instance with 2 CPUs, end to end
-  (actor start-up included: it is paid once per epoch); epoch 1 is measured after a warm-up epoch 0.
+  (each epoch builds a new dataset; its decode tasks run in Ray's pooled worker processes); epoch 1
+  is measured after a warm-up epoch 0.
 - train: samples/s of one gradient-cache step (`cached_step`, batch 256, micro 64) of the `tiny` preset
   (32 px) with plain autograd on the same 2 CPUs — the rate the data must keep up with.
 """
@@ -52,9 +53,9 @@ def make_dataset(out: Path, n_pairs: int, size: int, seed: int = 0) -> Path:
     return out
 
 
-def _cfg(path: Path, size: int, actors: int) -> DataConfig:
+def _cfg(path: Path, size: int, tasks: int) -> DataConfig:
     return DataConfig(sources=[DataSourceConfig(path=str(path))], image_size=size, context_length=32,
-                      decode_tasks=actors, decode_batch_size=256)
+                      decode_tasks=tasks, decode_batch_size=256)
 
 
 def plain_loop(path: Path, size: int) -> float:
@@ -82,14 +83,14 @@ def _decode_rows(decode, rows) -> int:
     return int(decode(batch)["valid"].sum())
 
 
-def ray_pipeline(path: Path, size: int, actors: int) -> tuple[float, float, float]:
+def ray_pipeline(path: Path, size: int, tasks: int) -> tuple[float, float, float]:
     """(end-to-end samples/s, seconds to the first batch, samples/s after it) for epoch 1.
 
-    Epoch 0 warms up the page cache and Ray's worker pool; each epoch builds a new dataset (new actors).
+    Epoch 0 warms up the page cache and Ray's worker pool; each epoch builds a new dataset.
     """
     from scalelab.data.pipeline import build_dataset, iter_train_batches
 
-    cfg = _cfg(path, size, actors)
+    cfg = _cfg(path, size, tasks)
     result = (0.0, 0.0, 0.0)
     for epoch in (0, 1):
         start = time.perf_counter()
@@ -126,7 +127,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-pairs", type=int, default=4000)
     ap.add_argument("--sizes", type=int, nargs="+", default=[64])
-    ap.add_argument("--actors", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--tasks", type=int, nargs="+", default=[1, 2])
     args = ap.parse_args()
     import ray
 
@@ -142,9 +143,9 @@ def main() -> None:
                 path = make_dataset(Path(tmp) / f"px{size}", args.n_pairs, size)
                 plain = plain_loop(path, size)
                 rows.append((f"plain loop, 1 process, {size} px", plain, plain, "", ""))
-                for actors in args.actors:
-                    rate, first, steady = ray_pipeline(path, size, actors)
-                    rows.append((f"ray pipeline, {actors} actor(s), {size} px", rate, plain, f"{first:.1f}",
+                for tasks in args.tasks:
+                    rate, first, steady = ray_pipeline(path, size, tasks)
+                    rows.append((f"ray pipeline, {tasks} task(s), {size} px", rate, plain, f"{first:.1f}",
                                  f"{steady:,.0f}"))
         finally:
             ray.shutdown()

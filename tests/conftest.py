@@ -1,7 +1,69 @@
-"""Shared test setup: offline hubs, no telemetry, CPU DeepSpeed, deterministic torch threads."""
+"""Shared test setup: offline hubs, no telemetry, CPU DeepSpeed; and the fixtures of the training and
+sweep tests: a small synthetic world with a tokenizer, experiment configs on it, a local Ray."""
+
+from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from scalelab.config import ExperimentConfig, deep_merge, validate  # after the env defaults
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def smoke_world(tmp_path_factory) -> Path:
+    """1024 training pairs in 4 shards, small eval sets and 128 retrieval pairs, tokenizer.json."""
+    from scalelab.data.synth import generate_world
+    from scalelab.data.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("world") / "smoke"
+    generate_world(out, n_pairs=1024, seed=0, image_size=32, samples_per_shard=256, progress=False,
+                   eval_per_class=4, retrieval_pairs=128)
+    train_tokenizer(out, vocab_size=1000)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smoke_config(smoke_world):
+    """Factory: experiments/smoke.yaml on the smoke world, storage at the given folder, `overrides`
+    (a nested dict) merged in: `smoke_config(tmp_path, {"train": {"steps": 12}})`."""
+
+    def make(storage: Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+        return _smoke_config(smoke_world, storage, overrides or {})
+
+    return make
+
+
+def _smoke_config(world: Path, storage: Path, overrides: dict[str, Any]) -> ExperimentConfig:
+    import yaml
+
+    data = yaml.safe_load((REPO / "experiments" / "smoke.yaml").read_text())
+    data["data"]["sources"] = [{"path": str(world)}]
+    data["eval"]["sets"] = {name: str(world / "eval" / name) for name in data["eval"]["sets"]}
+    data["eval"]["retrieval"] = str(world / "eval" / "retrieval")
+    data["run"]["storage"] = str(storage)
+    return validate(ExperimentConfig, deep_merge(data, overrides))
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A 2-CPU local Ray instance for the module (launch() reuses an initialised Ray)."""
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must stay short
+    ray.init(num_cpus=2, object_store_memory=400_000_000, include_dashboard=False, _temp_dir=temp)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)

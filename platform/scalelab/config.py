@@ -35,6 +35,7 @@ __all__ = [
     "flatten",
     "format_validation_error",
     "load_experiment",
+    "load_yaml_mapping",
     "parse_overrides",
     "resolve_paths",
 ]
@@ -393,17 +394,20 @@ def validate(cls: type[Frozen], data: Mapping[str, Any], prefix: str = "") -> An
         raise ConfigError(f"invalid {cls.__name__}: {format_validation_error(err, prefix)}") from None
 
 
+def load_yaml_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (empty file → {}); ConfigError naming the file otherwise."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} file not found: {p}")
+    loaded = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: top level must be a mapping, got {type(loaded).__name__}")
+    return loaded
+
+
 def load_experiment(path: str | Path | None = None, overrides: Iterable[str] = ()) -> ExperimentConfig:
     """Load an experiment YAML (or the defaults when `path` is None) and apply dot overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        loaded = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: top level must be a mapping, got {type(loaded).__name__}")
-        data = loaded
+    data = load_yaml_mapping(path) if path is not None else {}
     return validate(ExperimentConfig, apply_overrides(data, overrides))
 
 

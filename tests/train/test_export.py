@@ -9,10 +9,9 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 
 from scalelab.cli import main
-from scalelab.config import ExperimentConfig, deep_merge, validate
+from scalelab.config import deep_merge
 from scalelab.eval import load_exported
 from scalelab.models import create_model
 from scalelab.train.checkpoint import DS_SUBDIR, DS_TAG, latest_checkpoint, read_run_state
@@ -31,25 +30,15 @@ _RUNS = {
 }
 
 
-def _config(world: Path, storage: Path, overrides: dict[str, Any]) -> ExperimentConfig:
-    # tests/train/conftest.py's smoke_config, at module scope (that fixture is function-scoped).
-    data = yaml.safe_load((REPO / "experiments" / "smoke.yaml").read_text())
-    data["data"]["sources"] = [{"path": str(world)}]
-    data["eval"]["sets"] = {name: str(world / "eval" / name) for name in data["eval"]["sets"]}
-    data["eval"]["retrieval"] = str(world / "eval" / "retrieval")
-    data["run"]["storage"] = str(storage)
-    return validate(ExperimentConfig, deep_merge(data, overrides))
-
-
 @pytest.fixture(scope="module")
-def trained(smoke_world, local_ray, tmp_path_factory) -> dict[str, Any]:
+def trained(smoke_config, local_ray, tmp_path_factory) -> dict[str, Any]:
     """One short run per ZeRO stage; name → (TrainResult, its latest checkpoint, an export of it)."""
     from scalelab.train.launch import launch
 
     storage = tmp_path_factory.mktemp("export_runs")
     out = {}
     for name, overrides in _RUNS.items():
-        cfg = _config(smoke_world, storage, deep_merge(deep_merge(_SHORT, {"name": name}), overrides))
+        cfg = smoke_config(storage, deep_merge(deep_merge(_SHORT, {"name": name}), overrides))
         result = launch(cfg, verbose=False)
         checkpoint = latest_checkpoint(result.run_dir)
         exported = export_checkpoint(checkpoint, storage / f"{name}_export")
@@ -210,12 +199,12 @@ torch.save(masters, out / "reference_masters.pt")
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_bf16_zero0_export_takes_the_fp32_masters(smoke_world, tmp_path):
+def test_bf16_zero0_export_takes_the_fp32_masters(smoke_config, tmp_path):
     import socket
     import subprocess
     import sys
 
-    cfg = _config(smoke_world, tmp_path, {"train": {"zero_stage": 0, "precision": "bf16", "num_workers": 1}})
+    cfg = smoke_config(tmp_path, {"train": {"zero_stage": 0, "precision": "bf16", "num_workers": 1}})
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

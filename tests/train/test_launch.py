@@ -164,6 +164,7 @@ def test_driver_sigkill_then_same_command_resumes(smoke_world, smoke_config, tmp
     second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert f"resuming the interrupted run at step {killed_at}/24" in second.stdout
+    assert f"[killed] resumed at step {killed_at} " in second.stdout  # the workers loaded that checkpoint
     final = read_run_state(latest_checkpoint(run_dir))
     assert (final.step, final.samples_seen, final.finished) == (24, 24 * 64, True)
 

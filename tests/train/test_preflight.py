@@ -26,6 +26,10 @@ def _fake_checkpoint(cfg: ExperimentConfig, step: int, world: int, config: dict 
     d.mkdir(parents=True)
     state = RunState(step=step, samples_seen=step * 64, world_size=world, config=config or cfg.to_dict())
     (d / "scalelab.json").write_text(json.dumps(asdict(state)))
+    for r in range(world):
+        (d / f"rank_{r}.pt").write_bytes(b"")
+    (d / "deepspeed").mkdir()
+    (d / "deepspeed" / "latest").write_text("state")
     return d
 
 
@@ -91,6 +95,8 @@ def test_latest_checkpoint_picks_the_highest_complete_step(smoke_config, tmp_pat
     _fake_checkpoint(cfg, 9, world=2)
     _fake_checkpoint(cfg, 12, world=2)
     (run_dir(cfg) / checkpoint_name(20)).mkdir()  # incomplete: no scalelab.json
+    partial = _fake_checkpoint(cfg, 16, world=2)
+    (partial / "rank_1.pt").unlink()  # killed while Ray was copying rank 1's share
     assert latest_checkpoint(run_dir(cfg)).name == "step_00000012"
 
 

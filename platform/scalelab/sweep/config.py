@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, model_validator
 
 from scalelab.config import (
@@ -24,6 +23,7 @@ from scalelab.config import (
     Frozen,
     apply_overrides,
     deep_merge,
+    load_yaml_mapping,
     validate,
 )
 
@@ -133,16 +133,8 @@ class Trial:
 def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[SweepConfig, dict]:
     """The sweep config and its base experiment dict (base path resolved against the sweep file)."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"sweep file not found: {p}")
-    raw = yaml.safe_load(p.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: top level must be a mapping")
-    sweep = validate(SweepConfig, apply_overrides(raw, overrides))
-    base_path = (p.parent / sweep.base).resolve()
-    if not base_path.is_file():
-        raise ConfigError(f"base: experiment file not found: {base_path} (relative to {p})")
-    base = yaml.safe_load(base_path.read_text()) or {}
+    sweep = validate(SweepConfig, apply_overrides(load_yaml_mapping(p, "sweep"), overrides))
+    base = load_yaml_mapping((p.parent / sweep.base).resolve(), f"base experiment (relative to {p}):")
     return sweep, deep_merge(base, sweep.overrides)
 
 

@@ -19,8 +19,9 @@ class LiveTable(Callback):
     """A table of every trial (state, samples seen, loss, metric), printed when something changed and
     at most every `interval` seconds; always on a state change (start, finish, error)."""
 
-    def __init__(self, metric: str, say: Any = print, interval: float = 15.0) -> None:
-        self.metric, self.say, self.interval = metric, say, interval
+    def __init__(self, metric: str, total: int, *, quiet: bool = False, interval: float = 15.0) -> None:
+        # No callable attributes: Tune pickles its callbacks into the experiment state (for restore).
+        self.metric, self.total, self.quiet, self.interval = metric, total, quiet, interval
         self._latest: dict[str, dict[str, Any]] = {}
         self._last_print = 0.0
         self._dirty = False
@@ -53,7 +54,12 @@ class LiveTable(Callback):
                          f"{'' if loss is None else f'{loss:.3f}':>7} "
                          f"{'' if value is None else f'{value:.4f}':>14}")
         done = sum(t.status == "TERMINATED" for t in trials)
-        self.say(f"--- trials: {done}/{len(trials)} finished ---\n" + "\n".join(lines))
+        if not self.quiet:
+            waiting = self.total - len(trials)  # Tune creates trials as slots free up
+            more = f", {waiting} not started" if waiting > 0 else ""
+            head = f"--- trials: {done}/{self.total} finished{more} ---"
+            sys.stdout.write(head + "\n" + "\n".join(lines) + "\n")
+            sys.stdout.flush()
 
 
 class Refit(Callback):

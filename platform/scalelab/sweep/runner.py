@@ -100,7 +100,7 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, ray_address: str | No
     from scalelab.train.launch import ensure_ray
 
     ensure_ray(ray_address)
-    _tune(sweep, trials, state, say)
+    _tune(sweep, trials, state, say, quiet=not verbose)
     results = collect_results(state)
     analysis = analyse(state, results)
     with tempfile.TemporaryDirectory(prefix="scalelab-analysis-") as scratch:
@@ -153,7 +153,7 @@ def _finish_parent(state: SweepState, results: list[Any]) -> None:
     RunHandle(state.tracking_uri, state.parent_run_id).finish("FINISHED" if done else "FAILED")
 
 
-def _tune(sweep: SweepConfig, trials: list[Trial], state: SweepState, say: Any) -> Any:
+def _tune(sweep: SweepConfig, trials: list[Trial], state: SweepState, say: Any, *, quiet: bool) -> Any:
     from ray import tune
 
     from scalelab.sweep.live import LiveTable, Refit
@@ -166,13 +166,15 @@ def _tune(sweep: SweepConfig, trials: list[Trial], state: SweepState, say: Any) 
                              sweep_name=sweep.name, parent_run_id=state.parent_run_id),
         {"cpu": 0.01},  # the trial function only waits on its TorchTrainer, whose workers hold the CPUs
     )
-    callbacks = [LiveTable(sweep.metric, say), Refit(state)]
+    callbacks = [LiveTable(sweep.metric, len(trials), quiet=quiet), Refit(state)]
     if tune.Tuner.can_restore(str(path)):
         say(f"[{sweep.name}] resuming the sweep from {path}: finished trials are kept, "
             "interrupted and failed ones continue from their checkpoints")
-        # The run config (callbacks included) comes back from the pickled Tuner state.
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
+        # The restored run config carries the callbacks pickled by the first run (possibly an older
+        # scalelab); use this run's instead. `restore` takes no callbacks argument.
+        tuner._local_tuner.get_run_config().callbacks = callbacks
     else:
         tuner = tune.Tuner(
             trainable,

@@ -130,9 +130,19 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return None
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir()
-             if (m := _NAME.match(p.name)) and (p / META_NAME).is_file()]
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _NAME.match(p.name)) and _complete(p)]
     return max(found)[1] if found else None
+
+
+def _complete(directory: Path) -> bool:
+    """Every rank's share arrived: the metadata, each rank's state file and DeepSpeed's `latest` tag
+    (a driver killed while Ray was copying the ranks' files leaves an incomplete folder)."""
+    try:
+        world = read_run_state(directory).world_size
+    except (FileNotFoundError, ValueError, TypeError):
+        return False
+    ranks = all((directory / f"rank_{r}.pt").is_file() for r in range(world))
+    return ranks and (directory / DS_SUBDIR / "latest").is_file()
 
 
 def world_size_error(directory: Path, saved: int, now: int) -> str:

@@ -150,10 +150,14 @@ def _fit(cfg: ExperimentConfig, run_id: str, uri: str, callbacks: list[Any]) -> 
 
     macs = preset_stats(get_spec(cfg.model.preset, **cfg.model.overrides)).macs_per_sample
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
+    # Ray restores its own checkpoint bookkeeping from `<storage>/<name>` when it finds it, but a driver
+    # killed between writing a checkpoint and recording it leaves a checkpoint Ray does not know: the
+    # workers fall back to the newest complete one on storage (Train V2 has no resume_from_checkpoint).
+    latest = latest_checkpoint(run_dir(cfg))
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"experiment": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": uri,
-                           "macs_per_sample": macs},
+                           "macs_per_sample": macs, "resume_from": str(latest) if latest else None},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(

@@ -65,7 +65,9 @@ def train_worker(config: dict[str, Any]) -> None:
     run = RunState(world_size=world, mlflow_run_id=config.get("mlflow_run_id"), config=cfg.to_dict())
     mine = RankState()
     torch.manual_seed(cfg.train.seed * 7919 + 1 + rank)  # dropout noise differs between ranks
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint()  # this Train run's latest (after a worker restart)
+    if checkpoint is None and config.get("resume_from"):  # the run's newest one on storage (driver re-run)
+        checkpoint = ray.train.Checkpoint.from_directory(config["resume_from"])
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             run, mine = load_checkpoint(engine, directory, rank, world)

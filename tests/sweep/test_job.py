@@ -1,0 +1,218 @@
+"""`ray job submit` of a sweep against a real local head node (`ray start --head` with its dashboard).
+
+The job runs in a temporary copy of its --working-dir, so a relative `storage` must resolve against
+`SCALELAB_ROOT` from the job's runtime env: the results and the MLflow store land there, and nothing is
+written into the working dir copy. Without `SCALELAB_ROOT` the job is refused before any training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from scalelab.config import EvalConfig
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+SWEEP = "jobsweep"
+TRIAL = "d512-micro-b32"
+BIN = Path(sys.executable).parent
+RAY = str(BIN / "ray")
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _ray_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "SCALELAB_ROOT")}
+    env["RAY_AUTH_MODE"] = "disabled"  # Ray 2.59+ turns on token auth for local clusters
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # the job's entrypoint runs `scalelab`
+    return env
+
+
+def _stop_head(temp: str) -> None:
+    """End the processes of this head only (each carries its temp dir in its command line), not other
+    Ray instances on the machine, as `ray stop` would."""
+    import psutil
+
+    mine = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any(temp in part for part in proc.info["cmdline"] or ()):
+                mine.append(proc)
+    procs = {p.pid: p for p in mine}
+    for p in mine:
+        with contextlib.suppress(psutil.Error):
+            procs.update({c.pid: c for c in p.children(recursive=True)})
+    for p in procs.values():
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=5)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=5)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A 2-CPU Ray head with the dashboard's job server, on free ports; yields the dashboard's address
+    and the head's temp dir."""
+    temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay short
+    gcs, dashboard, client, agent, agent_grpc, metrics, env_agent = _free_ports(7)
+    cmd = [RAY, "start", "--head", "--port", str(gcs), "--num-cpus", "2", "--object-store-memory",
+           "400000000", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+           "--dashboard-port", str(dashboard), "--ray-client-server-port", str(client),
+           "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+           "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(env_agent),
+           "--temp-dir", temp, "--disable-usage-stats"]
+    try:
+        started = subprocess.run(cmd, env=_ray_env(), capture_output=True, text=True, timeout=120)
+        assert started.returncode == 0, started.stdout + started.stderr
+        address = f"http://127.0.0.1:{dashboard}"
+        _wait_for_job_server(address)
+        yield address, Path(temp)
+    finally:
+        _stop_head(temp)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _wait_for_job_server(address: str) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"{address}/api/version", timeout=5) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"the dashboard's job server at {address} did not come up"
+        time.sleep(0.5)
+
+
+@pytest.fixture
+def project(tmp_path: Path, smoke_config) -> Path:
+    """The job's working dir: sweep.yaml (one trial, relative storage) and its base experiment."""
+    base = smoke_config(tmp_path / "unused", {"eval": {"every_steps": None},
+                                              "run": {"log_every": 2, "checkpoint_every": 4}})
+    base = base.model_copy(update={"eval": EvalConfig(sets={"test": base.eval.sets["test"]})}).to_dict()
+    del base["run"]["storage"]  # the sweep sets it
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "base.yaml").write_text(yaml.safe_dump(base))
+    sweep = {
+        "name": SWEEP, "base": "base.yaml",
+        "axes": {"data": [512], "model": ["micro"], "batch": [32]},
+        "budget": {"kind": "samples", "value": 128},  # 4 steps
+        "micro_batch": {"size": 16},
+        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": 1},
+        "storage": "runs",  # relative: resolved against SCALELAB_ROOT inside the job
+        "robustness_metric": None,
+    }
+    (folder / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    return folder
+
+
+def _submit(address: str, project: Path, env_vars: dict[str, str]) -> tuple[str, subprocess.CompletedProcess]:
+    job_id = f"scalelab-test-{uuid.uuid4().hex[:12]}"
+    runtime_env = {"env_vars": {"DS_ACCELERATOR": "cpu", "MLFLOW_DISABLE_TELEMETRY": "true",
+                                "HF_HUB_OFFLINE": "1", **env_vars}}
+    cmd = [RAY, "job", "submit", "--address", address, "--working-dir", str(project),
+           "--submission-id", job_id, "--runtime-env-json", json.dumps(runtime_env),
+           "--", "scalelab", "sweep", "sweep.yaml"]
+    done = subprocess.run(cmd, env=_ray_env(), capture_output=True, text=True, timeout=540)
+    return job_id, done
+
+
+def _job(address: str, job_id: str) -> tuple[str, str]:
+    """The job's final status and its logs (`ray job logs`)."""
+    from ray.job_submission import JobSubmissionClient
+
+    status = JobSubmissionClient(address).get_job_status(job_id)
+    logs = subprocess.run([RAY, "job", "logs", "--address", address, job_id], env=_ray_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert logs.returncode == 0, logs.stderr
+    return str(status.value if hasattr(status, "value") else status), logs.stdout
+
+
+def _files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def test_sweep_job_lands_under_scalelab_root(ray_head, project, tmp_path):
+    address, temp = ray_head
+    root = tmp_path / "root"
+    root.mkdir()
+    before = _files(project)
+    job_id, done = _submit(address, project, {"SCALELAB_ROOT": str(root)})
+    status, logs = _job(address, job_id)
+    assert done.returncode == 0 and status == "SUCCEEDED", f"{status}\n{done.stderr[-3000:]}\n{logs[-6000:]}"
+
+    runs = root / "runs"
+    assert (runs / SWEEP / "sweep.json").is_file()
+    assert (runs / SWEEP / "tune").is_dir()
+    assert (runs / SWEEP / "trials" / f"{SWEEP}--{TRIAL}").is_dir()
+    state = json.loads((runs / SWEEP / "sweep.json").read_text())
+
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("scalelab-sweeps")
+    parent = client.get_run(state["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([experiment.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 1, [c.data.tags for c in children]
+    assert children[0].info.status == "FINISHED"
+
+    # Nothing written into the job's working dir: neither the project nor the copy Ray ran it in.
+    assert _files(project) == before
+    _assert_copies_untouched(temp, before)
+
+
+def _assert_copies_untouched(temp: Path, expected: set[str]) -> None:
+    copies = [p for p in temp.glob("session_*/runtime_resources/working_dir_files/*") if p.is_dir()]
+    assert copies, f"no working dir copy under {temp}"
+    for copy in copies:
+        assert _files(copy) == expected, copy
+
+
+def test_relative_storage_without_root_is_refused(ray_head, project):
+    address, temp = ray_head
+    before = _files(project)
+    started = time.monotonic()
+    job_id, done = _submit(address, project, {})
+    status, logs = _job(address, job_id)
+    assert done.returncode != 0 and status == "FAILED", f"{status}\n{logs[-3000:]}"
+    assert "storage='runs' is relative, and this is a Ray job running in a temporary working dir" in logs
+    assert "set SCALELAB_ROOT in the job's runtime env" in logs
+    assert f"[{SWEEP}]" not in logs  # refused before the sweep planned its trials or opened a run
+    assert time.monotonic() - started < 120
+    assert _files(project) == before
+    _assert_copies_untouched(temp, before)

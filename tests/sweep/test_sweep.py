@@ -1,0 +1,166 @@
+"""A 2×2×2 CPU sweep on real local Ray/Tune, DeepSpeed and MLflow, killed mid-way and run again.
+
+The driver (and every process it started) is SIGKILLed once two trials have finished and a running
+trial has written a checkpoint. The same command again must: keep the finished trials (their MLflow
+metric histories do not grow: nothing was retrained), resume the interrupted trial from its
+checkpoint (its worker says "resumed at step"), run the rest, and leave exactly 8 child runs under one
+parent, with the results table, fits and plots on the parent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from scalelab.config import EvalConfig
+from scalelab.train.checkpoint import latest_checkpoint, read_run_state
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+
+SWEEP = "grid"
+TRIALS = {f"d{d}-{m}-b{b}" for d in (256, 512) for m in ("micro", "tiny") for b in (32, 64)}
+
+
+def _write_sweep(tmp_path: Path, smoke_config) -> Path:
+    base = smoke_config(tmp_path / "unused", {"run": {"log_every": 2, "checkpoint_every": 2}})
+    base = base.model_copy(update={"eval": EvalConfig(sets={"test": base.eval.sets["test"]})}).to_dict()
+    del base["run"]["storage"]  # the sweep sets it
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    sweep = {
+        "name": SWEEP, "base": "base.yaml",
+        "axes": {"data": [256, 512], "model": ["micro", "tiny"], "batch": [32, 64]},
+        "budget": {"kind": "samples", "value": 256},  # 8 steps at batch 32, 4 at 64
+        "micro_batch": {"size": 16},
+        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": 2},
+        "storage": str(tmp_path / "runs"), "robustness_metric": None,
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def _client(tmp_path: Path):
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("scalelab-sweeps")
+    return client, experiment
+
+
+def _children(client, experiment) -> list:
+    return client.search_runs([experiment.experiment_id], f"tags.sweep = '{SWEEP}' and tags.trial != ''")
+
+
+def _kill_tree(pid: int) -> None:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(signal.SIGKILL)
+
+
+def _mid_run(run_dir: Path) -> bool:
+    """The run has a checkpoint, and it is not the final one (the trial has steps left)."""
+    latest = latest_checkpoint(run_dir)
+    return latest is not None and not read_run_state(latest).finished
+
+
+def _wait_for_interruptible_point(driver, tmp_path: Path, log: Path) -> None:
+    """Two trials finished and a running trial with a checkpoint on storage."""
+    deadline = time.monotonic() + 900
+    trials_dir = tmp_path / "runs" / SWEEP / "trials"
+    while True:
+        assert driver.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "the sweep did not reach two finished trials in 15 minutes"
+        # sweep.json is written after the driver created (and migrated) the MLflow store: only then
+        # may another process open it.
+        if (tmp_path / "runs" / SWEEP / "sweep.json").exists():
+            client, experiment = _client(tmp_path)
+            if experiment is not None:
+                runs = _children(client, experiment)
+                done = [r for r in runs if r.info.status == "FINISHED"]
+                running = [r.data.tags["trial"] for r in runs if r.info.status == "RUNNING"]
+                if len(done) >= 2 and any(_mid_run(trials_dir / f"{SWEEP}--{t}") for t in running):
+                    return
+        time.sleep(1.0)
+
+
+def test_sweep_killed_midway_resumes_without_rerunning_finished_trials(tmp_path, smoke_config):
+    sweep_file = _write_sweep(tmp_path, smoke_config)
+    command = [sys.executable, "-m", "scalelab.cli", "sweep", str(sweep_file), "--ray", "local"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "first.log"
+    with log.open("w") as out:
+        driver = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                  start_new_session=True)
+        try:
+            _wait_for_interruptible_point(driver, tmp_path, log)
+        finally:
+            _kill_tree(driver.pid)
+            driver.wait(timeout=60)
+
+    client, experiment = _client(tmp_path)
+    before = {r.data.tags["trial"]: r for r in _children(client, experiment)}
+    finished_before = {t: r for t, r in before.items() if r.info.status == "FINISHED"}
+    trials_dir = tmp_path / "runs" / SWEEP / "trials"
+    interrupted = [t for t, r in before.items()
+                   if r.info.status == "RUNNING" and _mid_run(trials_dir / f"{SWEEP}--{t}")]
+    history = {t: len(client.get_metric_history(r.info.run_id, "train/loss"))
+               for t, r in finished_before.items()}
+    assert len(finished_before) >= 2 and interrupted
+
+    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-4000:]
+    assert "resuming the sweep" in out
+    assert any(f"[{SWEEP}--{t}] resumed at step" in out for t in interrupted), out[-4000:]
+
+    children = _children(client, experiment)
+    assert {r.data.tags["trial"] for r in children} == TRIALS  # 8 children, no duplicates
+    assert len(children) == 8
+    parents = client.search_runs([experiment.experiment_id], f"tags.`scalelab.sweep_parent` = '{SWEEP}'")
+    assert len(parents) == 1
+    parent = parents[0]
+    for run in children:
+        tags = run.data.tags
+        assert run.info.status == "FINISHED"
+        assert tags["mlflow.parentRunId"] == parent.info.run_id
+        assert {"trial_id", "axis.data", "axis.model", "axis.batch"} <= tags.keys()
+        assert tags["trial"] == f"d{tags['axis.data']}-{tags['axis.model']}-b{tags['axis.batch']}"
+    for trial, run in finished_before.items():  # not retrained: same run, same metric history
+        assert client.get_run(run.info.run_id).info.end_time == run.info.end_time
+        assert len(client.get_metric_history(run.info.run_id, "train/loss")) == history[trial]
+
+    artifacts = {f.path for f in client.list_artifacts(parent.info.run_id)}
+    plots = {f.path for f in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"results.csv", "fits.json", "sweep.json"} <= artifacts
+    assert {"plots/error_vs_compute.png", "plots/loss_curves.png"} <= plots
+    assert "fit/frontier/B" in client.get_run(parent.info.run_id).data.metrics
+    local = Path(client.download_artifacts(parent.info.run_id, "results.csv", str(tmp_path)))
+    rows = list(csv.DictReader(local.open()))
+    assert {r["trial_id"] for r in rows} == TRIALS and {r["state"] for r in rows} == {"TERMINATED"}
+    assert all(int(r["samples_seen"]) == 256 for r in rows)
+
+    status = subprocess.run([sys.executable, "-m", "scalelab.cli", "sweep", str(sweep_file), "--status"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert status.returncode == 0 and "8/8 finished" in status.stdout, status.stdout + status.stderr
+    plot = subprocess.run([sys.executable, "-m", "scalelab.cli", "plot", str(tmp_path / "runs" / SWEEP)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert plot.returncode == 0, plot.stderr[-3000:]
+    analysis = tmp_path / "runs" / SWEEP / "analysis"
+    assert (analysis / "fits.json").is_file()
+    assert (analysis / "plots" / "error_vs_compute.png").stat().st_size > 0
