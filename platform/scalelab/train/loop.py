@@ -36,6 +36,7 @@ from scalelab.train.checkpoint import (
     RunState,
     checkpoint_name,
     load_checkpoint,
+    read_run_state,
     save_checkpoint,
 )
 from scalelab.train.compute import training_macs
@@ -65,9 +66,7 @@ def train_worker(config: dict[str, Any]) -> None:
     run = RunState(world_size=world, mlflow_run_id=config.get("mlflow_run_id"), config=cfg.to_dict())
     mine = RankState()
     torch.manual_seed(cfg.train.seed * 7919 + 1 + rank)  # dropout noise differs between ranks
-    checkpoint = ray.train.get_checkpoint()  # this Train run's latest (after a worker restart)
-    if checkpoint is None and config.get("resume_from"):  # the run's newest one on storage (driver re-run)
-        checkpoint = ray.train.Checkpoint.from_directory(config["resume_from"])
+    checkpoint = _newest(ray.train.get_checkpoint(), config.get("resume_from"))
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             run, mine = load_checkpoint(engine, directory, rank, world)
@@ -79,6 +78,18 @@ def train_worker(config: dict[str, Any]) -> None:
     if run.step >= cfg.train.steps:  # finished before (the driver says so); nothing left to do
         return
     _train(cfg, engine, run, mine, rank, world, reporter, config)
+
+
+def _newest(recorded: Any, on_storage: str | None) -> Any:
+    """Ray's latest recorded checkpoint of this run, or the newest complete one on storage (named by the
+    driver) when that is newer: a driver killed right after a checkpoint leaves Ray's record behind."""
+    if on_storage is None:
+        return recorded
+    if recorded is not None:
+        with recorded.as_directory() as directory:
+            if read_run_state(directory).step >= read_run_state(on_storage).step:
+                return recorded
+    return ray.train.Checkpoint.from_directory(on_storage)
 
 
 def _train(cfg: ExperimentConfig, engine: Any, run: RunState, mine: RankState, rank: int, world: int,
