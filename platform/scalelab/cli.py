@@ -9,7 +9,7 @@
     scalelab sweep FILE [--set k=v]     run or resume a data x model x batch sweep (--status: its grid)
     scalelab plot SWEEP_DIR             a sweep's results table, fits and plots, recomputed offline
     scalelab data synth|validate|index|from-labels|export-digits|export-fashion-mnist|tokenizer
-    scalelab demo                       the main job (for now: models + check; see README)
+    scalelab demo                       the main job: the demo scaling sweep (see README)
 """
 
 from __future__ import annotations
@@ -196,16 +196,9 @@ def _name_dir(item: str) -> tuple[str, str]:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    print("scalelab demo — the three-axis demo sweep arrives with the data, training and sweep issues;")
-    print("until then the demo shows the model axis and verifies the exact gradient-cache step.\n")
-    print("== model axis: presets ==")
-    _cmd_models(argparse.Namespace(json=False))
-    print("\n== gradient cache vs full-batch backward (float64, dropout on, tiled loss) ==")
-    for preset in ("micro", "tiny"):
-        ns = argparse.Namespace(preset=preset, batch=48, micro_batch=7, loss="softmax", block_size=16, seed=0)
-        if _cmd_check(ns):
-            return 1
-    return 0
+    from scalelab.sweep.demo import run_demo
+
+    return run_demo(args.sweep, ray_address=args.ray)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -258,7 +251,10 @@ def _parser() -> argparse.ArgumentParser:
     add_data_commands(sub)
     add_sweep_commands(sub)
 
-    d = sub.add_parser("demo", help="the main job (see README)")
+    d = sub.add_parser("demo", help="the main job: build the easy synthetic world if missing, run the "
+                       "2x2x2 demo sweep on local Ray, print the table, fits and the MLflow link")
+    d.add_argument("--sweep", default="sweeps/demo.yaml", help="sweep file (default: sweeps/demo.yaml)")
+    d.add_argument("--ray", default=None, metavar="ADDRESS", help="as for `scalelab train`")
     d.set_defaults(func=_cmd_demo)
     return p
 

@@ -172,11 +172,20 @@ class DataConfig(Frozen):
         1.0, gt=0, description="CPUs each decode actor reserves (fractions share a core with training)."
     )
 
+    cache: bool = Field(
+        False, description="Decode the training subset once per worker and keep it in memory (small "
+        "datasets: the synthetic world, laptop sweeps); epochs then skip Ray Data entirely. Same rows, "
+        "same order as without it. Needs augment: false (augmented rows differ every epoch)."
+    )
+
     @model_validator(mode="after")
     def _crop_range(self) -> DataConfig:
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"data.crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+        if self.cache and self.augment:
+            raise ValueError("data.cache needs data.augment: false (augmented rows differ every epoch, "
+                             "so decoded rows cannot be reused)")
         return self
 
 

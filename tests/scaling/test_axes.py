@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from scalelab.scaling import fit_axes, flat_fit_metrics
+from scalelab.scaling import axis_trends, fit_axes, flat_fit_metrics
 
 from .conftest import METRIC, make_grid
 
@@ -75,3 +75,22 @@ def test_fit_axes_without_compute_still_fits_axes(grid):
     assert fits["frontier"] is None and len(fits["data"]) == 4
     with pytest.raises(ValueError, match="predict_compute"):
         fit_axes(grid, METRIC, predict_compute=-1.0)
+
+
+def test_axis_trends_count_falling_curves_and_average_per_value():
+    grid = make_grid()
+    trends = axis_trends(fit_axes(grid, METRIC, bootstrap=10))
+    assert {axis: (t["curves"], t["falling"]) for axis, t in trends.items()} == {
+        "data": (4, 4), "model": (4, 4), "batch": (4, 4)}
+    # naive per-value means of the error 1 - top1
+    axes = {"data": (100_000, 1_000_000), "model": ("tiny", "small"), "batch": (256, 1024)}
+    for axis, values in axes.items():
+        expected = [sum(1 - r.metrics[METRIC] for r in grid if getattr(r, axis) == v) / 4 for v in values]
+        got = trends[axis]["mean_error"]
+        assert [v for v, _ in got] == list(values)
+        assert [e for _, e in got] == pytest.approx(expected, rel=1e-12)
+    # one trial made worse than its smaller-batch neighbour breaks exactly one batch curve
+    worse = next(r for r in grid if r.batch == 1024)
+    worse.metrics = {METRIC: 0.0}
+    assert axis_trends(fit_axes(grid, METRIC, bootstrap=10))["batch"]["falling"] == 3
+    assert axis_trends(fit_axes(make_grid(datas=(1000,)), METRIC, bootstrap=10)).keys() == {"model", "batch"}

@@ -56,6 +56,10 @@ def test_budget_kinds_set_the_steps(tmp_path):
     for t in expand(sweep, base):
         per_sample = 3 * preset_stats(t.model).macs_per_sample
         assert t.experiment.train.steps == math.ceil(macs / per_sample / t.batch)  # equal compute per trial
+    sweep, base = _sweep(tmp_path, budget={"kind": "steps", "value": 40})
+    trials = expand(sweep, base)
+    assert {t.experiment.train.steps for t in trials} == {40}  # equal steps: a bigger batch sees more
+    assert {t.batch for t in trials} == {32, 64}
 
 
 def test_auto_micro_batch_is_the_largest_power_of_two_in_the_memory_budget(tmp_path):

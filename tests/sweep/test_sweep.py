@@ -40,7 +40,8 @@ def _write_sweep(tmp_path: Path, smoke_config) -> Path:
         "axes": {"data": [256, 512], "model": ["micro", "tiny"], "batch": [32, 64]},
         "budget": {"kind": "samples", "value": 256},  # 8 steps at batch 32, 4 at 64
         "micro_batch": {"size": 16},
-        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": 2},
+        # 0.75: two trials fit on 2 CPUs with room for their decode tasks, so they really run at once
+        "resources": {"workers_per_trial": 1, "cpus_per_worker": 0.75, "max_concurrent_trials": 2},
         "storage": str(tmp_path / "runs"), "robustness_metric": None,
     }
     path = tmp_path / "sweep.yaml"

@@ -64,10 +64,13 @@ __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "Batch",
+    "DecodedSubset",
     "EpochPlan",
     "ShardSlice",
     "TrainBatchIterator",
     "build_dataset",
+    "decode_subset",
+    "iter_cached_epoch",
     "iter_train_batches",
     "plan_epoch",
     "select_subset",
@@ -398,3 +401,52 @@ def build_dataset(
     )
     ds.context.execution_options.preserve_order = True  # this dataset's own context copy
     return ds
+
+
+# --------------------------------------------------------------------------- in-memory cache
+@dataclass(frozen=True)
+class DecodedSubset:
+    """Every row of the training subset, decoded once (`data.cache`), addressed by shard slice + item."""
+
+    slices: tuple[ShardSlice, ...]
+    offsets: np.ndarray  # row of item 0 of slice s = offsets[s]
+    columns: dict[str, np.ndarray]  # image, tokens, valid, reason, key, source; one row per subset item
+
+    def rows(self, slice_id: np.ndarray, ordinal: np.ndarray) -> np.ndarray:
+        return self.offsets[slice_id] + ordinal
+
+
+def decode_subset(cfg: DataConfig) -> DecodedSubset:
+    """Decode the whole subset once through Ray Data (epoch 0's order, one rank): with augment off a
+    row's decoded content depends on the sample only, so every later epoch can reuse it."""
+    if cfg.augment:
+        raise ValueError("decode_subset needs data.augment: false")
+    plan = plan_epoch(cfg, 0)
+    sizes = np.array([s.take for s in plan.slices], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    rows = offsets[plan.slice_id] + plan.ordinal  # subset row of each epoch-0 position
+    columns: dict[str, np.ndarray] = {}
+    for batch in build_dataset(cfg, epoch=0).iter_batches(batch_size=cfg.decode_batch_size,
+                                                          batch_format="numpy"):
+        where = rows[np.asarray(batch["index"], dtype=np.int64)]
+        for k in ("image", "tokens", "valid", "reason", "key", "source"):
+            col = np.asarray(batch[k])
+            if k not in columns:
+                columns[k] = np.empty((int(sizes.sum()), *col.shape[1:]), dtype=col.dtype
+                                      if k not in ("reason", "key") else object)
+            columns[k][where] = col
+    return DecodedSubset(plan.slices, offsets, columns)
+
+
+def iter_cached_epoch(cached: DecodedSubset, cfg: DataConfig, epoch: int, *, rank: int = 0,
+                      world_size: int = 1) -> Any:
+    """This rank's rows of `epoch` from the cache, in `build_dataset`'s order, as column batches of
+    `decode_batch_size` rows (what `iter_train_batches` consumes)."""
+    plan = plan_epoch(cfg, epoch, rank=rank, world_size=world_size, slices=list(cached.slices))
+    rows = cached.rows(plan.slice_id, plan.ordinal)
+    step = cfg.decode_batch_size
+    for a in range(0, len(rows), step):
+        pick = rows[a:a + step]
+        batch = {k: v[pick] for k, v in cached.columns.items()}
+        batch["index"] = plan.index[a:a + step]
+        yield batch

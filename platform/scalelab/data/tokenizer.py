@@ -85,7 +85,14 @@ def _new_tokenizer(kind: str, vocab_size: int, lowercase: bool) -> tuple[Tokeniz
     # (SentencePiece's split_by_whitespace=false): HF's UnigramTrainer seeds its pieces from substrings
     # repeated across *distinct* pre-tokenized words, so on a small caption vocabulary (synthetic worlds)
     # word splitting leaves it no seeds beyond single characters. Pieces may then span words ("▁on▁the").
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(split=kind != "unigram")
+    if kind == "unigram":
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(split=False)
+    else:
+        # BPE merges within words; punctuation is split off so "star," and "star" are the same word
+        # (as in CLIP's and GPT-2's BPE).
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Metaspace(split=True), pre_tokenizers.Punctuation(behavior="isolated")]
+        )
     tok.decoder = decoders.Metaspace()
     return tok, trainer
 

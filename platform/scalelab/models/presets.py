@@ -8,6 +8,7 @@ size + one full-length caption, forward only; training ≈ 3× that).
 
 | preset    | image tower (timm)                 | text w×d/heads, vocab, ctx | params  | GMACs/sample |
 |-----------|------------------------------------|----------------------------|---------|--------------|
+| nano      | ViT 32 px, patch 8, 16×1, 1 head   | 16×1/1, 4096, 32           | 0.08 M  | 0.00024      |
 | micro     | ViT 32 px, patch 8, 32×2, 2 heads  | 32×2/2, 4096, 32           | 0.19 M  | 0.0015       |
 | tiny      | ViT 32 px, patch 8, 80×4, 4 heads  | 64×4/4, 4096, 32           | 0.80 M  | 0.0125       |
 | small     | ViT 64 px, patch 8, 160×6, 4 heads | 128×6/4, 4096, 32          | 3.65 M  | 0.169        |
@@ -96,6 +97,12 @@ def _text(width: int, depth: int, heads: int, vocab: int = 4096, context: int = 
 
 
 # --------------------------------------------------------------------------- CPU presets
+@register_preset("nano")
+def nano() -> ModelSpec:
+    """~0.05 M params: the low end of the demo's model axis (seconds per hundred steps on one core)."""
+    return ModelSpec(name="nano", image=_vit(32, 8, 16, 1, 1), text=_text(16, 1, 1), embed_dim=16)
+
+
 @register_preset("micro")
 def micro() -> ModelSpec:
     """~0.2 M params: small enough to push a 262144-sample contrastive batch through on a CPU."""

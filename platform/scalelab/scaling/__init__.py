@@ -13,6 +13,7 @@ anywhere a `results.csv` is: `fit_axes(read_csv(path), metric)` then `make_plots
 from scalelab.scaling.fits import (
     FrontierFit,
     PowerLawFit,
+    axis_trends,
     fit_axes,
     fit_frontier,
     fit_power_law,
@@ -25,6 +26,7 @@ __all__ = [
     "FrontierFit",
     "PowerLawFit",
     "TrialResult",
+    "axis_trends",
     "error_of",
     "fit_axes",
     "fit_frontier",

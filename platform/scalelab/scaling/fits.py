@@ -261,6 +261,30 @@ def fit_axes(results: Iterable[TrialResult], metric: str, *, predict_compute: fl
     return out
 
 
+def axis_trends(fits: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """How the error moves along each axis of a `fit_axes` result, read off its per-axis curves.
+
+    Per axis with at least one curve: `curves` (one per combination of the other axes), `falling` (how
+    many of them lower the error at every step up the axis), and `mean_error`: [(value, mean error over
+    the curves)] in axis order, the value being the preset name on the model axis."""
+    out: dict[str, dict[str, Any]] = {}
+    for axis in _AXES:
+        curves = fits.get(axis) or []
+        if not curves:
+            continue
+        by_value: dict[Any, list[float]] = defaultdict(list)
+        order: dict[Any, float] = {}
+        for curve in curves:
+            labels = curve.get("models") or curve["x"]
+            for x, label, err in zip(curve["x"], labels, curve["error"]):
+                by_value[label].append(err)
+                order[label] = x
+        falling = sum(all(b < a for a, b in zip(c["error"], c["error"][1:])) for c in curves)
+        means = [(v, float(np.mean(by_value[v]))) for v in sorted(by_value, key=order.get)]
+        out[axis] = {"curves": len(curves), "falling": falling, "mean_error": means}
+    return out
+
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-. /]")
 
 

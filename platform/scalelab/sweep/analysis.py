@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scalelab.scaling import TrialResult, fit_axes, flat_fit_metrics, make_plots, write_csv
+from scalelab.scaling import TrialResult, axis_trends, fit_axes, flat_fit_metrics, make_plots, write_csv
 from scalelab.sweep.results import SweepState
 
 __all__ = ["Analysis", "analyse", "log_analysis", "summary_lines", "write_analysis"]
@@ -96,7 +96,15 @@ def summary_lines(state: SweepState, results: list[TrialResult], analysis: Analy
             for curve in fits.get(axis, []):
                 if curve.get("b") is not None:
                     lines.append(f"  error vs {axis:<5} {_fixed(curve)}: exponent b = {curve['b']:+.3f}")
+        for axis, trend in axis_trends(fits).items():
+            means = " → ".join(f"{_value(v)}: {e:.3f}" for v, e in trend["mean_error"])
+            lines.append(f"  along {axis:<5} error falls on {trend['falling']}/{trend['curves']} curves; "
+                         f"mean error {means}")
     return lines
+
+
+def _value(v: Any) -> str:
+    return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
 
 
 def _short(metric: str) -> str:

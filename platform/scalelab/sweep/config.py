@@ -51,13 +51,14 @@ class AxesConfig(Frozen):
 
 
 class BudgetConfig(Frozen):
-    """How long each trial trains (→ train.steps = ceil(samples / batch))."""
+    """How long each trial trains (→ train.steps = ceil(samples / batch), or the steps themselves)."""
 
-    kind: Literal["samples", "epochs", "compute"] = Field(
+    kind: Literal["samples", "epochs", "compute", "steps"] = Field(
         description="samples: fixed samples seen; epochs: passes over the trial's n_pairs; "
-        "compute: fixed training MACs (3 x forward MACs per sample x samples)."
+        "compute: fixed training MACs (3 x forward MACs per sample x samples); steps: fixed optimizer "
+        "steps, so a bigger batch sees proportionally more samples (BASIC's batch-size comparison)."
     )
-    value: float = Field(gt=0, description="Samples, epochs, or MACs, per `kind`.")
+    value: float = Field(gt=0, description="Samples, epochs, MACs or steps, per `kind`.")
     min_steps: int = Field(1, gt=0, description="Lower bound on the steps of any trial.")
 
 
@@ -165,6 +166,8 @@ def expand(sweep: SweepConfig, base: dict[str, Any], *, bytes_per_sample: dict[s
 
 
 def _steps(budget: BudgetConfig, n_pairs: int, batch: int, macs_per_sample: int) -> int:
+    if budget.kind == "steps":
+        return max(budget.min_steps, math.ceil(budget.value))
     if budget.kind == "samples":
         samples = budget.value
     elif budget.kind == "epochs":

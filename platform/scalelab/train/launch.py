@@ -193,4 +193,8 @@ def ensure_ray(address: str | None = None) -> None:
             return
         except ConnectionError:
             pass
+    # A local instance shares few cores with everything else: a worker group that imports torch and
+    # DeepSpeed while another trial trains can take longer than Ray Train's 60 s start-up limit, which
+    # then throws the group away and starts over. The processes Ray starts inherit this environment.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     ray.init(address="local", object_store_memory=1_000_000_000, include_dashboard=False)

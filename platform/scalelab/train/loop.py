@@ -30,7 +30,13 @@ import torch
 import torch.distributed as dist
 
 from scalelab.config import ExperimentConfig, validate
-from scalelab.data.pipeline import build_dataset, iter_train_batches, tokenizer_path
+from scalelab.data.pipeline import (
+    build_dataset,
+    decode_subset,
+    iter_cached_epoch,
+    iter_train_batches,
+    tokenizer_path,
+)
 from scalelab.train.checkpoint import (
     RankState,
     RunState,
@@ -153,10 +159,18 @@ class _Stream:
         self.batch = batch_geometry(cfg.train, world).per_rank_batch
         self.epoch = state.epoch
         self._carried = dict(state.skipped)  # counts of earlier epochs / before the restart
+        self._cached: Any = None
         self._open(state.epoch_samples)
 
     def _open(self, start: int) -> None:
-        ds = build_dataset(self.cfg.data, epoch=self.epoch, train=True, rank=self.rank, world_size=self.world)
+        data = self.cfg.data
+        if data.cache:  # decoded once per worker; every epoch then reorders it in memory
+            if self._cached is None:
+                self._cached = decode_subset(data)
+            rows = iter_cached_epoch(self._cached, data, self.epoch, rank=self.rank, world_size=self.world)
+            self._it = iter_train_batches(rows, self.batch, start_sample=start)
+            return
+        ds = build_dataset(data, epoch=self.epoch, train=True, rank=self.rank, world_size=self.world)
         self._it = iter_train_batches(ds, self.batch, start_sample=start)
 
     def next(self) -> Any:

@@ -18,7 +18,7 @@ __all__ = ["RESUMABLE_CHANGES", "check_experiment", "check_resume", "run_dir"]
 # Fields a re-run may change and still continue the same run: they do not change what was trained so
 # far. `train.steps` extends (or shortens) the run; the cosine schedule follows the new length.
 RESUMABLE_CHANGES = ("name", "run.", "eval.", "train.steps", "train.cpus_per_worker",
-                     "train.threads_per_worker", "data.decode_tasks", "data.decode_cpus")
+                     "train.threads_per_worker", "data.decode_tasks", "data.decode_cpus", "data.cache")
 
 
 def run_dir(cfg: ExperimentConfig) -> Path:

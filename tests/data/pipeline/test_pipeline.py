@@ -24,6 +24,8 @@ from scalelab.data.pipeline import (
     _Decode,
     _read_block,
     build_dataset,
+    decode_subset,
+    iter_cached_epoch,
     iter_train_batches,
     plan_epoch,
     select_subset,
@@ -311,6 +313,33 @@ def test_bad_samples_are_skipped_and_counted(ray_session, sources, bad_dataset):
     bad = _cfg([bad_dataset["all_bad"]], tokenizer=str(a / "tokenizer.json"))
     with pytest.raises(RuntimeError, match="no usable samples"):
         list(iter_train_batches(build_dataset(bad, epoch=0), 4))
+
+
+def _same_batches(want: list, got: list) -> None:
+    assert len(want) == len(got) > 0
+    for x, y in zip(want, got):
+        assert x.keys == y.keys
+        assert torch.equal(x.images, y.images) and torch.equal(x.tokens, y.tokens)
+
+
+@pytest.mark.slow
+def test_cached_epochs_equal_the_ray_data_epochs(ray_session, sources, bad_dataset):
+    """data.cache: the same batches, in the same order, per epoch and rank, resumed mid-epoch, with the
+    same bad rows counted — decoded once instead of once per epoch."""
+    a, b = sources
+    cfg = _cfg([a, b, bad_dataset["dir"]], [2.0, 1.0, 1.0], seed=3, augment=False, cache=True,
+               tokenizer=str(a / "tokenizer.json"))
+    cached = decode_subset(cfg)
+    for epoch, rank, start in ((0, 0, 0), (1, 1, 0), (2, 0, 24), (5, 1, 8)):
+        plain = iter_train_batches(build_dataset(cfg, epoch=epoch, rank=rank, world_size=2), 8,
+                                   start_sample=start)
+        mine = iter_train_batches(iter_cached_epoch(cached, cfg, epoch, rank=rank, world_size=2), 8,
+                                  start_sample=start)
+        _same_batches(list(plain), list(mine))
+        assert mine.skipped == plain.skipped and mine.samples_seen == plain.samples_seen
+    assert sum(1 for v in cached.columns["valid"] if not v) == 14  # 4 bad samples + 10 unreadable rows
+    with pytest.raises(ValueError, match="augment"):
+        _cfg([a], augment=True, cache=True)
 
 
 @pytest.mark.slow

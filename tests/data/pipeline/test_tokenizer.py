@@ -44,6 +44,14 @@ def dataset(tmp_path_factory):
     return out
 
 
+def test_bpe_words_are_the_same_tokens_with_or_without_punctuation(dataset, tmp_path):
+    path = train_tokenizer(dataset, kind="bpe", vocab_size=300, out=tmp_path / "bpe.json")
+    tok = load_tokenizer(path)
+    bare, tagged = tok.encode("a red circle", 16), tok.encode("circle, red", 16)
+    circle = [t for t in bare.tolist() if t not in (0, 2, 3)][-1]
+    assert circle in tagged.tolist()[:2]  # "circle," is "circle" + ","
+
+
 @pytest.mark.parametrize("kind", ["unigram", "bpe"])
 def test_round_trip_pad_bos_eos(dataset, tmp_path, kind):
     path = train_tokenizer(dataset, kind=kind, vocab_size=200, out=tmp_path / "tok.json")

@@ -10,20 +10,25 @@ from scalelab.data.synth.evalsets import EVAL_SETS, generate_eval_sets, render_e
 from scalelab.data.synth.generate import generate_pairs, make_pair
 from scalelab.data.synth.render import HardVariant, render_scene
 from scalelab.data.synth.world import (
+    LEVELS,
     WORLD_VERSION,
     SceneAttributes,
+    WorldLevel,
     attribute_families,
     class_names,
     combination_count,
     sample_scene,
     world_config,
+    world_level,
 )
 
 __all__ = [
     "EVAL_SETS",
+    "LEVELS",
     "WORLD_VERSION",
     "HardVariant",
     "SceneAttributes",
+    "WorldLevel",
     "attribute_families",
     "caption_for",
     "caption_pair",
@@ -38,4 +43,5 @@ __all__ = [
     "render_scene",
     "sample_scene",
     "world_config",
+    "world_level",
 ]

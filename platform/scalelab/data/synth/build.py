@@ -22,11 +22,12 @@ __all__ = ["generate_world"]
 def generate_world(out_dir: str | Path, *, n_pairs: int, seed: int = 0, image_size: int = 32,
                    mismatch: float = 0.1, samples_per_shard: int = 1000, workers: int = 1,
                    progress: bool = True, eval_per_class: int = 20,
-                   retrieval_pairs: int = 1000) -> Manifest:
+                   retrieval_pairs: int = 1000, level: str = "standard") -> Manifest:
     """Write the world under out_dir (layout above) and return the training manifest.
 
     `eval_per_class` images per class and eval set (0 skips the eval sets); `retrieval_pairs` held-out
-    pairs (0 skips them). Every image is a pure function of (seed, purpose, index).
+    pairs (0 skips them). Every image is a pure function of (seed, purpose, index, level); `level` names
+    a world.LEVELS entry (how hard the world is).
     """
     out = Path(out_dir)
     eval_root = out / "eval"
@@ -34,12 +35,12 @@ def generate_world(out_dir: str | Path, *, n_pairs: int, seed: int = 0, image_si
                  "eval_sets": list(EVAL_SETS) if eval_per_class else []}
     manifest = generate_pairs(out, n_pairs=n_pairs, seed=seed, image_size=image_size, mismatch=mismatch,
                               samples_per_shard=samples_per_shard, workers=workers, progress=progress,
-                              stream=TRAIN_STREAM, extra={"eval": eval_info})
+                              stream=TRAIN_STREAM, level=level, extra={"eval": eval_info})
     if retrieval_pairs:
         generate_pairs(eval_root / "retrieval", n_pairs=retrieval_pairs, seed=seed, image_size=image_size,
                        mismatch=0.0, samples_per_shard=samples_per_shard, workers=workers,
-                       progress=progress, stream=RETRIEVAL_STREAM)
+                       progress=progress, stream=RETRIEVAL_STREAM, level=level)
     if eval_per_class:
         generate_eval_sets(eval_root, seed=seed, image_size=image_size, per_class=eval_per_class,
-                           workers=workers, progress=progress)
+                           workers=workers, progress=progress, level=level)
     return manifest

@@ -23,6 +23,7 @@ from scalelab.data.synth.world import (
     STYLES,
     SceneAttributes,
     sample_scene,
+    world_level,
 )
 
 __all__ = ["DISTRACTOR_PREFIXES", "DISTRACTOR_SUFFIXES", "caption_for", "caption_pair", "class_synonyms"]
@@ -94,9 +95,10 @@ def _tag_caption(attrs: SceneAttributes, rng: np.random.Generator, keep: dict[st
     return ", ".join(tags)
 
 
-def caption_for(attrs: SceneAttributes, rng: np.random.Generator) -> str:
-    """One alt-text style caption of `attrs` (always naming the class)."""
-    keep = {family: bool(rng.random() < p) for family, p in KEEP.items()}
+def caption_for(attrs: SceneAttributes, rng: np.random.Generator, *, level: str = "standard") -> str:
+    """One alt-text style caption of `attrs` (always naming the class), as verbose as `level` says."""
+    probs = {**KEEP, **dict(world_level(level).caption_keep)}
+    keep = {family: bool(rng.random() < probs[family]) for family in KEEP}
     template = int(rng.integers(6))
     if template == 5:
         body = _tag_caption(attrs, rng, keep)
@@ -120,16 +122,16 @@ def caption_for(attrs: SceneAttributes, rng: np.random.Generator) -> str:
     return body[:1].upper() + body[1:] if rng.random() < 0.5 else body
 
 
-def caption_pair(attrs: SceneAttributes, rng: np.random.Generator,
-                 mismatch: float) -> tuple[str, dict[str, Any]]:
+def caption_pair(attrs: SceneAttributes, rng: np.random.Generator, mismatch: float, *,
+                 level: str = "standard") -> tuple[str, dict[str, Any]]:
     """Caption for an image of `attrs`; with probability `mismatch` it describes another scene instead
     (a different class). Returns (caption, meta) with meta = {"attrs", "matched"[, "caption_attrs"]}."""
     meta: dict[str, Any] = {"attrs": attrs.to_dict(), "matched": True}
     if rng.random() < mismatch:
-        other = sample_scene(rng)
+        other = sample_scene(rng, level=level)
         while other.cls == attrs.cls:
-            other = sample_scene(rng)
+            other = sample_scene(rng, level=level)
         meta["matched"] = False
         meta["caption_attrs"] = other.to_dict()
-        return caption_for(other, rng), meta
-    return caption_for(attrs, rng), meta
+        return caption_for(other, rng, level=level), meta
+    return caption_for(attrs, rng, level=level), meta

@@ -30,6 +30,8 @@ def add_synth_command(data_subparsers: argparse._SubParsersAction) -> argparse.A
     p.add_argument("--eval-per-class", type=int, default=20, help="images per class per eval set (0: none)")
     p.add_argument("--retrieval-pairs", type=int, default=1000, help="held-out retrieval pairs (0: none)")
     p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--level", default="standard", help="world difficulty: standard (the full world) or "
+                   "easy (one large centred object, terse captions: accuracy rises within minutes on a CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_synth)
     return p
@@ -45,7 +47,7 @@ def run_synth(args: argparse.Namespace) -> int:
             args.out, n_pairs=args.n_pairs, seed=args.seed, image_size=args.image_size,
             mismatch=args.mismatch, samples_per_shard=args.samples_per_shard, workers=args.workers,
             progress=not args.no_progress, eval_per_class=args.eval_per_class,
-            retrieval_pairs=args.retrieval_pairs,
+            retrieval_pairs=args.retrieval_pairs, level=args.level,
         )
     except ValueError as err:
         print(f"scalelab data synth: {err}", file=sys.stderr)

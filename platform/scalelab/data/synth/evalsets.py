@@ -21,7 +21,7 @@ from PIL import Image
 
 from scalelab.data.synth.generate import encode_png, run_tasks
 from scalelab.data.synth.render import HardVariant, render_scene
-from scalelab.data.synth.world import CLASSES, COLOURS, EVAL_BACKGROUNDS, sample_scene
+from scalelab.data.synth.world import CLASSES, COLOURS, EVAL_BACKGROUNDS, sample_scene, world_level
 
 __all__ = ["CLASS_TEMPLATES", "COLOUR_TEMPLATES", "EVAL_SETS", "generate_eval_sets", "render_eval_image"]
 
@@ -49,16 +49,18 @@ def _folders(name: str) -> tuple[list[str], list[str]]:
     return keys, [CLASSES[k][0] for k in keys]
 
 
-def render_eval_image(name: str, label: str, seed: int, index: int, image_size: int) -> Image.Image:
-    """Image `index` of class folder `label` in eval set `name` (a pure function of its arguments)."""
+def render_eval_image(name: str, label: str, seed: int, index: int, image_size: int,
+                      level: str = "standard") -> Image.Image:
+    """Image `index` of class folder `label` in eval set `name` of world `level` (a pure function of its
+    arguments)."""
     rng = np.random.default_rng([seed, EVAL_SETS[name], sorted(_folders(name)[0]).index(label), index])
     background, hard = None, None
     if name == "test_colour":
-        attrs = sample_scene(rng, colour=label)
+        attrs = sample_scene(rng, level=level, colour=label)
     elif name == "sketch":
-        attrs = sample_scene(rng, cls=label, style="outline", background="plain")
+        attrs = sample_scene(rng, level=level, cls=label, style="outline", background="plain")
     else:
-        attrs = sample_scene(rng, cls=label)
+        attrs = sample_scene(rng, level=level, cls=label)
     if name == "texture":
         textures = sorted(EVAL_BACKGROUNDS)
         background = textures[int(rng.integers(len(textures)))]
@@ -70,20 +72,24 @@ def render_eval_image(name: str, label: str, seed: int, index: int, image_size: 
     return render_scene(attrs, image_size, rng, background=background, hard=hard)
 
 
-def _write_folder(root: str, name: str, label: str, seed: int, image_size: int, per_class: int) -> int:
+def _write_folder(root: str, name: str, label: str, seed: int, image_size: int, per_class: int,
+                  level: str) -> int:
     folder = Path(root) / name / label
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("*.png"):  # a rerun with a smaller per_class must not keep old images
         stale.unlink()
     for j in range(per_class):
-        (folder / f"{j:05d}.png").write_bytes(encode_png(render_eval_image(name, label, seed, j, image_size)))
+        image = render_eval_image(name, label, seed, j, image_size, level)
+        (folder / f"{j:05d}.png").write_bytes(encode_png(image))
     return per_class
 
 
 def generate_eval_sets(out_dir: str | Path, *, seed: int = 0, image_size: int = 32, per_class: int = 20,
-                       sets: list[str] | None = None, workers: int = 1, progress: bool = False) -> list[Path]:
+                       sets: list[str] | None = None, workers: int = 1, progress: bool = False,
+                       level: str = "standard") -> list[Path]:
     """Write the eval sets (default: all of EVAL_SETS) under out_dir; returns their directories."""
     sets = list(EVAL_SETS) if sets is None else sets
+    world_level(level)
     unknown = [s for s in sets if s not in EVAL_SETS]
     if unknown or per_class <= 0:
         raise ValueError(f"unknown eval sets {unknown} (known: {list(EVAL_SETS)}) or per_class <= 0")
@@ -95,7 +101,7 @@ def generate_eval_sets(out_dir: str | Path, *, seed: int = 0, image_size: int = 
         (root / name / "classnames.txt").write_text("\n".join(readable) + "\n")
         templates = COLOUR_TEMPLATES if name == "test_colour" else CLASS_TEMPLATES
         (root / name / "templates.txt").write_text("\n".join(templates) + "\n")
-        tasks += [(str(root), name, label, seed, image_size, per_class) for label in folders]
+        tasks += [(str(root), name, label, seed, image_size, per_class, level) for label in folders]
     run_tasks(_write_folder, tasks, [per_class] * len(tasks), workers=workers, progress=progress,
               desc="synth eval")
     return [root / name for name in sets]

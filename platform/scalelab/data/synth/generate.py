@@ -23,7 +23,7 @@ from scalelab.data.manifest import MANIFEST_NAME, Manifest
 from scalelab.data.shards import ShardInfo, ShardWriter, finish_dataset
 from scalelab.data.synth.captions import caption_pair
 from scalelab.data.synth.render import render_scene
-from scalelab.data.synth.world import sample_scene, world_config
+from scalelab.data.synth.world import sample_scene, world_config, world_level
 
 __all__ = ["RETRIEVAL_STREAM", "TRAIN_STREAM", "encode_png", "generate_pairs", "make_pair", "run_tasks"]
 
@@ -42,22 +42,22 @@ def encode_png(image: Image.Image) -> bytes:
 
 
 def make_pair(seed: int, index: int, *, image_size: int = 32, mismatch: float = 0.1,
-              stream: int = TRAIN_STREAM) -> tuple[str, bytes, str, dict[str, Any]]:
+              stream: int = TRAIN_STREAM, level: str = "standard") -> tuple[str, bytes, str, dict[str, Any]]:
     """Sample `index` of the world: (key, png bytes, caption, meta); depends only on its arguments."""
     rng = np.random.default_rng([seed, stream, index])
-    attrs = sample_scene(rng)
+    attrs = sample_scene(rng, level=level)
     # Caption randomness gets its own child stream so a mismatch draw never changes the pixels.
     caption_rng, render_rng = rng.spawn(2)
-    caption, meta = caption_pair(attrs, caption_rng, mismatch)
+    caption, meta = caption_pair(attrs, caption_rng, mismatch, level=level)
     image = render_scene(attrs, image_size, render_rng)
     return f"{index:09d}", encode_png(image), caption, meta
 
 
 def _write_shard(out_dir: str, shard: int, start: int, stop: int, seed: int, image_size: int,
-                 mismatch: float, stream: int, samples_per_shard: int) -> list[ShardInfo]:
+                 mismatch: float, stream: int, samples_per_shard: int, level: str) -> list[ShardInfo]:
     with ShardWriter(out_dir, samples_per_shard=samples_per_shard, source="synth", start_shard=shard) as w:
         for i in range(start, stop):
-            w.write(*make_pair(seed, i, image_size=image_size, mismatch=mismatch, stream=stream))
+            w.write(*make_pair(seed, i, image_size=image_size, mismatch=mismatch, stream=stream, level=level))
     return w.close()
 
 
@@ -95,7 +95,7 @@ def _remove_previous(out_dir: Path) -> None:
 
 def generate_pairs(out_dir: str | Path, *, n_pairs: int, seed: int = 0, image_size: int = 32,
                    mismatch: float = 0.1, samples_per_shard: int = 1000, workers: int = 1,
-                   progress: bool = True, stream: int = TRAIN_STREAM,
+                   progress: bool = True, stream: int = TRAIN_STREAM, level: str = "standard",
                    extra: dict[str, Any] | None = None) -> Manifest:
     """Write exactly `n_pairs` samples of stream `stream` into out_dir as shards + manifest.json."""
     if n_pairs <= 0 or samples_per_shard <= 0 or workers <= 0:
@@ -104,16 +104,17 @@ def generate_pairs(out_dir: str | Path, *, n_pairs: int, seed: int = 0, image_si
         raise ValueError(f"mismatch must be in [0, 1), got {mismatch}")
     if not 8 <= image_size <= 512:
         raise ValueError(f"image_size must be in [8, 512] (32-128 intended), got {image_size}")
+    world_level(level)  # refuse an unknown level before touching out_dir
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _remove_previous(out)
     n_shards = -(-n_pairs // samples_per_shard)
     tasks = [(str(out), s, s * samples_per_shard, min(n_pairs, (s + 1) * samples_per_shard), seed,
-              image_size, mismatch, stream, samples_per_shard) for s in range(n_shards)]
+              image_size, mismatch, stream, samples_per_shard, level) for s in range(n_shards)]
     per_task = run_tasks(_write_shard, tasks, [t[3] - t[2] for t in tasks], workers=workers,
                          progress=progress, desc=f"synth {out.name}")
     config = {"seed": seed, "image_size": image_size, "mismatch": mismatch, "stream": stream,
-              "n_pairs": n_pairs, **world_config()}
+              "n_pairs": n_pairs, "level": level, **world_config()}
     return finish_dataset(out, [info for infos in per_task for info in infos], fmt="webdataset",
                           source="synth", image_field="png", caption_field="txt",
                           extra={"synth": config, **(extra or {})})
