@@ -3,6 +3,7 @@
 The demo sweep itself is `make demo` (minutes on 2 cores; its numbers are in the README); the sweep
 machinery it runs is tested by tests/sweep/test_sweep.py."""
 
+import json
 from pathlib import Path
 
 from scalelab.cli import main
@@ -27,6 +28,11 @@ def test_world_problem_names_what_is_missing(tmp_path):
     generate_world(world, n_pairs=10, samples_per_shard=5, progress=False, eval_per_class=1,
                    retrieval_pairs=0, level=WORLD["level"])
     assert world_problem(world, 10) is None
+    manifest = world / "manifest.json"
+    saved = json.loads(manifest.read_text())
+    saved["extra"]["synth"]["level_spec"]["fixed"].pop("background")  # as made before a level change
+    manifest.write_text(json.dumps(saved))
+    assert "older definition" in world_problem(world, 10)
 
 
 def test_the_demo_sweep_is_a_valid_2x2x2_grid_on_the_demo_world():

@@ -19,7 +19,7 @@ __all__ = ["DEMO_SWEEP", "WORLD", "ensure_world", "run_demo", "world_problem"]
 DEMO_SWEEP = "sweeps/demo.yaml"
 # How `make demo` builds its world: the easy level (see scalelab.data.synth.world.LEVELS), a BPE
 # tokenizer (whole words: the class names in prompts are the tokens the captions taught).
-WORLD: dict[str, Any] = {"level": "easy", "eval_per_class": 20, "retrieval_pairs": 500, "seed": 0}
+WORLD: dict[str, Any] = {"level": "easy", "eval_per_class": 40, "retrieval_pairs": 500, "seed": 0}
 TOKENIZER: dict[str, Any] = {"kind": "bpe", "vocab_size": 1000}
 
 
@@ -29,8 +29,12 @@ def world_problem(path: Path, n_pairs: int) -> str | None:
     if not manifest.is_file():
         return "missing"
     synth = json.loads(manifest.read_text()).get("extra", {}).get("synth", {})
+    from scalelab.data.synth import world_level
+
     if synth.get("level") != WORLD["level"]:
         return f"its level is {synth.get('level', 'unknown')!r}, the demo needs {WORLD['level']!r}"
+    if synth.get("level_spec") != json.loads(json.dumps(world_level(WORLD["level"]).spec())):
+        return f"it was made by an older definition of the {WORLD['level']!r} level"
     if int(synth.get("n_pairs", 0)) < n_pairs:
         return f"it has {synth.get('n_pairs')} pairs, the sweep needs {n_pairs}"
     if not (path / "tokenizer.json").is_file():

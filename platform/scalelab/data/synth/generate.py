@@ -114,7 +114,8 @@ def generate_pairs(out_dir: str | Path, *, n_pairs: int, seed: int = 0, image_si
     per_task = run_tasks(_write_shard, tasks, [t[3] - t[2] for t in tasks], workers=workers,
                          progress=progress, desc=f"synth {out.name}")
     config = {"seed": seed, "image_size": image_size, "mismatch": mismatch, "stream": stream,
-              "n_pairs": n_pairs, "level": level, **world_config()}
+              "n_pairs": n_pairs, "level": level,
+              "level_spec": world_level(level).spec(), **world_config()}
     return finish_dataset(out, [info for infos in per_task for info in infos], fmt="webdataset",
                           source="synth", image_field="png", caption_field="txt",
                           extra={"synth": config, **(extra or {})})

@@ -126,20 +126,26 @@ class WorldLevel:
     """How hard the world is: families pinned in every scene, and how much of a scene captions name.
 
     `standard` is the full world. `easy` is for demo-scale runs (a sub-million-parameter ViT, minutes on
-    a CPU): one large, filled, centred object — a patch-8 ViT then needs no position/scale invariance —
-    and terse captions that mostly name only the object, so the contrastive loss can fall only by
-    learning shapes. Accuracy then rises within a few hundred steps instead of staying at chance. The
-    eval sets follow the level, except where a set pins a family itself (sketch: outline objects).
+    a CPU): one large, filled, centred object on a plain background — a patch-8 ViT then needs no
+    position/scale invariance and no texture filtering — and terse captions that mostly name only the
+    object, so the contrastive loss can fall only by learning shapes. Accuracy then rises within a few
+    hundred steps instead of staying at chance. The eval sets follow the level, except where a set pins
+    a family itself (sketch: outline objects; texture: unseen backgrounds).
     """
 
     fixed: tuple[tuple[str, Any], ...] = ()
     caption_keep: tuple[tuple[str, float], ...] = ()  # overrides of captions.KEEP
 
+    def spec(self) -> dict[str, Any]:
+        """What a manifest records of the level, so a changed definition is told from the one on disk."""
+        return {"fixed": dict(self.fixed), "caption_keep": dict(self.caption_keep)}
+
 
 LEVELS: dict[str, WorldLevel] = {
     "standard": WorldLevel(),
     "easy": WorldLevel(
-        fixed=(("position", "center"), ("size", "large"), ("count", 1), ("style", "filled")),
+        fixed=(("position", "center"), ("size", "large"), ("count", 1), ("style", "filled"),
+               ("background", "plain")),
         caption_keep=tuple((family, 0.1) for family in
                            ("count", "colour", "size", "style", "position", "background")),
     ),
