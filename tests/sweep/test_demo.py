@@ -30,7 +30,7 @@ def test_world_problem_names_what_is_missing(tmp_path):
     assert world_problem(world, 10) is None
     manifest = world / "manifest.json"
     saved = json.loads(manifest.read_text())
-    saved["extra"]["synth"]["level_spec"]["fixed"].pop("background")  # as made before a level change
+    saved["extra"]["synth"]["level_spec"]["fixed"].pop("size")  # as if made before a level change
     manifest.write_text(json.dumps(saved))
     assert "older definition" in world_problem(world, 10)
 

@@ -19,7 +19,7 @@ __all__ = ["DEMO_SWEEP", "WORLD", "ensure_world", "run_demo", "world_problem"]
 DEMO_SWEEP = "sweeps/demo.yaml"
 # How `make demo` builds its world: the easy level (see scalelab.data.synth.world.LEVELS), a BPE
 # tokenizer (whole words: the class names in prompts are the tokens the captions taught).
-WORLD: dict[str, Any] = {"level": "easy", "eval_per_class": 40, "retrieval_pairs": 500, "seed": 0}
+WORLD: dict[str, Any] = {"level": "easy", "eval_per_class": 20, "retrieval_pairs": 500, "seed": 0}
 TOKENIZER: dict[str, Any] = {"kind": "bpe", "vocab_size": 1000}
 
 
