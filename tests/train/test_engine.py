@@ -9,8 +9,10 @@ fp32 master state (lr schedule, Adam moments, clipping and the master-copy clamp
 logit_scale starts above ln 100, so step 1 is clamped and a clamp that missed the master copy shows
 in step 2. fp32 throughout; dropout 0 (ranks would draw independent noise).
 
-Stages 0, 1, 2, 3. The pre-clip global gradient norm is compared as well (rel 1e-5): AdamW's update
-is nearly invariant to a constant gradient factor, so parameters alone would miss one.
+Stages 0, 1, 2, 3, one after the other in the same two workers (one worker-group start-up for all
+four; each stage builds its own engine from a fresh model). The pre-clip global gradient norm is
+compared as well (rel 1e-5): AdamW's update is nearly invariant to a constant gradient factor, so
+parameters alone would miss one.
 Tolerance: max |p_deepspeed - p_reference| <= 1e-6 over all parameters (fp32 reduction-order noise
 is ~1e-8 here; a wrong gradient scale, boundary or clamp gives differences of order lr = 1e-3).
 """
@@ -62,15 +64,20 @@ def _model_and_batches(cfg: ExperimentConfig):
 
 
 def _train_fn(config: dict) -> None:
-    """The Ray Train worker: one engine, STEPS cached steps on this rank's half, rank 0 saves."""
-    cfg = validate(ExperimentConfig, config["experiment"])
+    """The Ray Train worker: every stage in turn (see `_train_stage`)."""
+    torch.set_num_threads(1)
+    for stage, out in config["stages"].items():
+        _train_stage(_config(stage), out)
+
+
+def _train_stage(cfg: ExperimentConfig, out: str) -> None:
+    """One engine, STEPS cached steps on this rank's half, rank 0 saves."""
     import deepspeed
     import ray.train
 
     from scalelab.train.engine import build_engine, zero_stage
     from scalelab.train.step import train_step
 
-    torch.set_num_threads(1)
     rank = ray.train.get_context().get_world_rank()
     world = ray.train.get_context().get_world_size()
     model, batches = _model_and_batches(cfg)
@@ -86,7 +93,7 @@ def _train_fn(config: dict) -> None:
     with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=zero_stage(engine) == 3):
         module = {n: p.detach().clone() for n, p in params}
     if rank == 0:
-        torch.save({"module": module, "master": master, "metrics": metrics}, config["out"])
+        torch.save({"module": module, "master": master, "metrics": metrics}, out)
 
 
 def _reference(cfg: ExperimentConfig) -> tuple[dict[str, torch.Tensor], list[float], list[float]]:
@@ -129,28 +136,38 @@ def ray_cluster():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-@pytest.mark.parametrize("stage", [2, 0, 1, 3])
-def test_two_ray_workers_match_single_process_full_batch(stage, tmp_path, ray_cluster):
+STAGES = (2, 0, 1, 3)
+
+
+@pytest.fixture(scope="module")
+def stage_results(ray_cluster, tmp_path_factory) -> dict[int, dict]:
+    """One Ray Train run, 2 workers, all four stages; stage → rank 0's saved parameters and metrics."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    cfg = _config(stage)
-    out = tmp_path / "rank0.pt"
+    folder = tmp_path_factory.mktemp("engine")
+    outs = {stage: str(folder / f"zero{stage}.pt") for stage in STAGES}
     trainer = TorchTrainer(
         _train_fn,
-        train_loop_config={"experiment": cfg.model_dump(mode="json"), "out": str(out)},
+        train_loop_config={"stages": outs},
         # 0.5 CPU each: two 1-CPU workers on a 2-CPU cluster leave nothing for Ray's own tasks.
         scaling_config=ScalingConfig(num_workers=WORLD, use_gpu=False, resources_per_worker={"CPU": 0.5}),
         run_config=RunConfig(
-            name=f"engine-zero{stage}",
-            storage_path=str(tmp_path),
+            name="engine-stages",
+            storage_path=str(folder),
             worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}},
         ),
     )
     trainer.fit()
-    got = torch.load(out)
+    return {stage: torch.load(out) for stage, out in outs.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("stage", STAGES)
+def test_two_ray_workers_match_single_process_full_batch(stage, stage_results):
+    cfg = _config(stage)
+    got = stage_results[stage]
     want, losses, norms = _reference(cfg)
 
     assert [m["train/loss"] for m in got["metrics"]] == pytest.approx(losses, rel=1e-5)
