@@ -3,6 +3,7 @@ sweep tests: a small synthetic world with a tokenizer, experiment configs on it,
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -67,3 +68,36 @@ def local_ray():
     finally:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def kill_session():
+    """`kill_session(pid)`: SIGKILL every process of the session `pid` leads (a command started with
+    `start_new_session=True`): its local Ray's GCS, raylet and agents and every worker, each of which sits
+    in its own process group. Repeated until none is left, so a worker forked during the kill dies too."""
+    return _kill_session
+
+
+def _kill_session(sid: int, timeout: float = 30.0) -> None:
+    import signal
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while alive := [p for p in psutil.process_iter() if _live_member(p, sid)]:
+        assert time.monotonic() < deadline, f"processes of session {sid} survive SIGKILL: {alive}"
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(signal.SIGKILL)
+        time.sleep(0.5)
+
+
+def _live_member(proc, sid: int) -> bool:
+    """`proc` belongs to session `sid` and is not a zombie (dead, waiting to be reaped)."""
+    import psutil
+
+    try:
+        return os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE
+    except (OSError, psutil.Error):
+        return False

@@ -10,10 +10,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -153,9 +151,7 @@ def test_cached_data_trains_exactly_like_the_ray_data_stream(smoke_config, tmp_p
     assert got == want
 
 
-def test_driver_sigkill_then_same_command_resumes(smoke_world, smoke_config, tmp_path):
-    import psutil
-
+def test_driver_sigkill_then_same_command_resumes(smoke_world, smoke_config, tmp_path, kill_session):
     cfg = smoke_config(tmp_path / "runs", {"name": "killed", "train": {"steps": 24},
                                            "run": {"checkpoint_every": 4}})
     config = tmp_path / "killed.yaml"
@@ -171,10 +167,7 @@ def test_driver_sigkill_then_same_command_resumes(smoke_world, smoke_config, tmp
         assert time.monotonic() < deadline, "no checkpoint at step 8 within 10 minutes"
         time.sleep(0.5)
     # The whole machine-side of the run dies at once: driver, local Ray, workers (SIGKILL, no cleanup).
-    tree = [driver, *psutil.Process(driver.pid).children(recursive=True)]
-    for proc in tree:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGKILL)
+    kill_session(driver.pid)
     driver.wait(timeout=60)
     killed_at = read_run_state(latest_checkpoint(run_dir)).step
     assert 8 <= killed_at < 24

@@ -193,8 +193,11 @@ def ensure_ray(address: str | None = None) -> None:
             return
         except ConnectionError:
             pass
-    # A local instance shares few cores with everything else: a worker group that imports torch and
-    # DeepSpeed while another trial trains can take longer than Ray Train's 60 s start-up limit, which
-    # then throws the group away and starts over. The processes Ray starts inherit this environment.
+    # The processes Ray starts inherit this environment. A local instance is one machine that nothing
+    # drains or preempts, so Ray Train's preemption watcher (one more actor process per run, which on
+    # 2 cores costs seconds of start-up) has nothing to watch. A trial whose placement group waits for
+    # CPUs that another trial's decode tasks hold gives up after Ray Train's 60 s and retries, logging
+    # a start-up "failure" with a traceback each time: let it wait instead.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     ray.init(address="local", object_store_memory=1_000_000_000, include_dashboard=False)
