@@ -1,8 +1,8 @@
 """The Tune trial function: one grid point = one `train.launch` run, nested under the sweep's parent run.
 
 Runs inside a Tune trial actor. The Train run's own reports are forwarded to Tune by
-`TuneReportCallback` (the live table's samples seen and loss); the final report carries the end-of-run
-metrics. A re-run (resumed sweep, errored trial) calls `launch` again: Ray Train finds the trial's
+`TuneReportCallback` (the live table's samples seen, loss and, in the last one, the end-of-run
+metrics). A re-run (resumed sweep, errored trial) calls `launch` again: Ray Train finds the trial's
 checkpoints under its run name and continues; MLflow finds the child run by its `scalelab.trial` tag.
 """
 
@@ -30,5 +30,11 @@ def run_trial(config: dict[str, Any], *, experiments: dict[str, dict[str, Any]],
             "axis.data": str(data), "axis.model": model, "axis.batch": str(batch)}
     result = launch(cfg, parent_run_id=parent_run_id, tags=tags, run_key=(TRIAL_TAG, f"{sweep_name}/{name}"),
                     verbose=False, callbacks=[TuneReportCallback()])
-    tune.report({**result.final_metrics, "step": result.step, "samples_seen": result.samples_seen,
-                 "mlflow_run_id": result.mlflow_run_id, "done": True})
+    # Report here only when launch() trained nothing (a finished trial run again): otherwise the Train
+    # reports forwarded by TuneReportCallback already carry samples, loss and the final metrics, and a
+    # report from this thread can deadlock Ray Tune 2.60. The trial's main thread, the only reader of
+    # the result queue, hands a forwarded report to that queue itself and blocks there for good when
+    # this thread's report got in first (seen in a sweep: both threads waiting in Queue.put, load 0).
+    if result.resumed_from is not None and result.step <= result.resumed_from:
+        tune.report({**result.final_metrics, "step": result.step, "samples_seen": result.samples_seen,
+                     "mlflow_run_id": result.mlflow_run_id})
