@@ -86,9 +86,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from scalelab.config import load_experiment
 
     cfg = load_experiment(args.file, args.set)
-    from scalelab.train.launch import launch  # deferred: imports ray
+    from scalelab.train.launch import RunFailed, launch  # deferred: imports ray
 
-    result = launch(cfg, ray_address=args.ray)
+    try:
+        result = launch(cfg, ray_address=args.ray)
+    except RunFailed as err:  # a deterministic error: the workers already printed their line
+        print(f"scalelab: {err}", file=sys.stderr)
+        return 1
     _print_metrics(result.final_metrics)
     print(f"MLflow run {result.mlflow_run_id}: mlflow ui --backend-store-uri {result.tracking_uri}")
     return 0
@@ -182,7 +186,9 @@ def _evaluate_checkpoint(model: Any, tokenizer: Any, defaults: dict[str, Any],
     batch = args.batch_size or int(defaults.get("batch_size") or 256)
     metrics: dict[str, float] = {}
     if sets:
-        metrics.update(evaluate_sets(model, tokenizer, sets, shifted=shifted, batch_size=batch))
+        templates = args.templates if args.templates is not None else defaults.get("templates")
+        metrics.update(evaluate_sets(model, tokenizer, sets, shifted=shifted, batch_size=batch,
+                                     templates=templates))
     if retrieval:
         metrics.update(evaluate_retrieval(model, tokenizer, retrieval, batch_size=batch))
     return metrics
@@ -244,6 +250,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--shifted", nargs="*", default=None, metavar="NAME",
                    help="sets counted as distribution shifts (default: the config's, among the sets)")
     e.add_argument("--retrieval", default=None, metavar="DIR", help="retrieval pairs (default: the config's)")
+    e.add_argument("--templates", default=None, metavar="FILE",
+                   help="shared prompt templates ({} or {c}) for sets without a templates.txt")
     e.add_argument("--batch-size", type=int, default=None, help="encode batch (default: eval.batch_size)")
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.set_defaults(func=_cmd_eval)

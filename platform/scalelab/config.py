@@ -232,6 +232,10 @@ class TrainConfig(Frozen):
     threads_per_worker: int | None = Field(
         None, gt=0, description="torch intra-op threads per worker; None = ceil(cpus_per_worker)."
     )
+    max_skipped_steps: int = Field(
+        3, ge=0, description="Consecutive non-finite steps (loss or gradient norm NaN/inf) skipped "
+        "without an update before the run stops with an error; 0 stops at the first one."
+    )
 
 
 class EvalConfig(Frozen):
@@ -239,7 +243,11 @@ class EvalConfig(Frozen):
 
     sets: dict[str, str] = Field(
         default_factory=dict,
-        description="Zero-shot sets: name -> ImageFolder dir with classnames.txt and templates.txt.",
+        description="Zero-shot sets: name -> ImageFolder dir (<class>/<image>; classnames.txt or the folder "
+        "names; templates.txt with {} or {c} placeholders, or the shared `templates` file).",
+    )
+    templates: str | None = Field(
+        None, description="Shared prompt-templates file for the sets that have no templates.txt of their own."
     )
     shifted: list[str] = Field(
         default_factory=list, description="Names in `sets` that form the robustness suite (averaged)."
@@ -440,6 +448,7 @@ def resolve_paths(cfg: ExperimentConfig, base: str | Path | None = None) -> Expe
     evaluation = cfg.eval.model_copy(update={
         "sets": {name: absolute(d) for name, d in cfg.eval.sets.items()},
         "retrieval": absolute(cfg.eval.retrieval),
+        "templates": absolute(cfg.eval.templates),
     })
     run = cfg.run.model_copy(update={"storage": absolute(cfg.run.storage)})
     return cfg.model_copy(update={"data": data, "eval": evaluation, "run": run})

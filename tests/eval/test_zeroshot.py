@@ -184,15 +184,20 @@ def test_load_image_folder_labels_in_sorted_folder_order(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"names": None}, FileNotFoundError, "classnames.txt"),
         ({"templates": None}, FileNotFoundError, "templates.txt"),
-        ({"templates": "a photo of {}.\n"}, ValueError, "{c}"),
-        ({"names": "only one\n"}, ValueError, "1 classes but there are 2 class folders"),
+        ({"templates": "a photo.\n"}, ValueError, "no placeholder"),
+        ({"templates": "a {} or a {c}.\n"}, ValueError, "2 placeholders"),
+        ({"names": "only one\n"}, ValueError, "1 class names for 2 class folders"),
     ],
 )
 def test_bad_image_folders_give_clear_errors(tmp_path, kwargs, error, match):
     with pytest.raises(error, match=match.replace("{", r"\{").replace("}", r"\}")):
         ds.load_image_folder(_folder(tmp_path / "set", **kwargs), 4)
+
+
+def test_class_names_default_to_the_folder_names(tmp_path):
+    data = ds.load_image_folder(_folder(tmp_path / "set", names=None, templates="a photo of a {}.\n"), 4)
+    assert data.classnames == ["a cls", "b cls"] and data.templates == ["a photo of a {c}."]
 
 
 def test_missing_directory(tmp_path):

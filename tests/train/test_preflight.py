@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict
@@ -13,7 +14,14 @@ import yaml
 
 from scalelab.config import ConfigError, EvalConfig, ExperimentConfig, validate
 from scalelab.train.checkpoint import RunState, checkpoint_name, latest_checkpoint
-from scalelab.train.preflight import check_experiment, check_resume, run_dir
+from scalelab.train.preflight import (
+    check_experiment,
+    check_resources,
+    check_resume,
+    run_dir,
+    run_reservation,
+    starts_local_ray,
+)
 
 
 def _write(cfg: ExperimentConfig, path: Path) -> Path:
@@ -45,6 +53,38 @@ def _train_cli(config: Path, *sets: str) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, timeout=300)
 
 
+@pytest.fixture
+def eval_copy(smoke_world, tmp_path):
+    """Factory: the smoke world's `test` eval set copied, with `templates` written and classnames.txt
+    optionally removed (class names then come from the folder names)."""
+
+    def make(templates: str | None, classnames: bool = True) -> Path:
+        out = tmp_path / f"set{len(list(tmp_path.glob('set*')))}"
+        shutil.copytree(smoke_world / "eval" / "test", out)
+        if templates is None:
+            (out / "templates.txt").unlink()
+        else:
+            (out / "templates.txt").write_text(templates)
+        if not classnames:
+            (out / "classnames.txt").unlink()
+        return out
+
+    return make
+
+
+def _refused(config: Path, sets: list[str], capsys) -> str:
+    """`scalelab train` in this process: exit 2 and one line on stderr naming the problem; no Ray."""
+    from scalelab.cli import main
+
+    ray_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    rc = main(["train", str(config), *[f"--set={s}" for s in sets]])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("scalelab: config error: ") and err.count("\n") == 1, err
+    assert ray_before or not ("ray" in sys.modules and sys.modules["ray"].is_initialized())
+    return err
+
+
 @pytest.mark.parametrize(
     ("sets", "message"),
     [
@@ -53,18 +93,82 @@ def _train_cli(config: Path, *sets: str) -> subprocess.CompletedProcess:
         (["train.zero_stage=5"], "train.zero_stage"),
         (["data.sources=[{path: /nonexistent/shards}]"], "data.sources[0].path"),
         (["data.image_size=64"], "data.image_size=64"),
-        (["eval.sets={test: /nonexistent/set}"], "eval.sets.test"),
+        (["data.tokenizer=/etc/hostname"], "data.tokenizer: /etc/hostname is not a tokenizer"),
+        (["eval.sets={test: /nonexistent/set}"], "eval.sets.test: eval set directory not found"),
+        (["eval.retrieval=/nonexistent/pairs"], "eval.retrieval"),
+        (["eval.templates=/nonexistent/t.txt"], "eval.templates: no such file"),
         (["train.global_batch=2048", "train.num_workers=2"], "fewer than train.global_batch=2048"),
+        (["train.steps=20", "optim.warmup_steps=30"], "optim.warmup_steps=30 must be below train.steps=20"),
+        (["train.steps=20", "optim.warmup_steps=20"], "optim.warmup_steps=20 must be below train.steps=20"),
+        (["optim.betas=[0.9, 1.5]"], "optim (adamw): Invalid beta parameter"),
+        (["train.micro_batch_size=0"], "train.micro_batch_size"),
+        (["run.storage=/etc/hostname/runs"], "run.storage: /etc/hostname/runs is not writable"),
+        (["train.cpus_per_worker=1000"], "× (train.cpus_per_worker=1000.0 + data.decode_cpus=0.25"),
     ],
 )
-def test_bad_config_fails_before_ray_starts(smoke_config, tmp_path, sets, message):
+def test_bad_config_is_refused_in_one_line_before_ray(smoke_config, tmp_path, capsys, sets, message):
     config = _write(smoke_config(tmp_path / "runs"), tmp_path / "exp.yaml")
-    proc = _train_cli(config, *sets)
+    assert message in _refused(config, sets, capsys)
+    assert not (tmp_path / "runs" / "smoke").exists()
+
+
+@pytest.mark.parametrize(
+    ("templates", "message"),
+    [
+        ("a photo of a dog.\n", "has no placeholder; it needs exactly one"),
+        ("a {} and a {c}.\n", "has 2 placeholders"),
+        ("a {label}.\n", "has the field {label}"),
+        (None, "templates.txt not found"),
+    ],
+)
+def test_bad_eval_templates_are_refused_before_training(smoke_config, eval_copy, tmp_path, capsys,
+                                                        templates, message):
+    config = _write(smoke_config(tmp_path / "runs"), tmp_path / "exp.yaml")
+    err = _refused(config, [f"eval.sets={{test: {eval_copy(templates)}}}", "eval.shifted=[]"], capsys)
+    assert "eval.sets.test: " in err and message in err
+
+
+def test_openai_templates_folder_names_and_a_shared_file_pass(smoke_config, eval_copy, tmp_path):
+    shared = tmp_path / "shared.txt"
+    shared.write_text("a photo of a {}.\n")
+    sets = {"openai": str(eval_copy("a photo of a {}.\nitap of a {}.\n", classnames=False)),
+            "bench": str(eval_copy("a photo of a {c}.\n")), "shared": str(eval_copy(None))}
+    cfg = smoke_config(tmp_path, {"eval": {"sets": sets, "shifted": [], "templates": str(shared)}})
+    check_experiment(cfg)
+    with pytest.raises(ConfigError, match="eval.sets.shared: .*templates.txt not found"):
+        check_experiment(smoke_config(tmp_path, {"eval": {"sets": sets, "shifted": []}}))
+
+
+def test_one_bad_config_through_a_fresh_interpreter(smoke_config, tmp_path):
+    """The same refusal as a user sees it: a new process, no traceback, Ray never imported-and-started."""
+    config = _write(smoke_config(tmp_path / "runs"), tmp_path / "exp.yaml")
+    proc = _train_cli(config, "train.steps=20", "optim.warmup_steps=30")
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert message in proc.stderr
+    assert "optim.warmup_steps=30 must be below train.steps=20" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert "RAY_NOT_STARTED" in proc.stdout
-    assert not (tmp_path / "runs" / "smoke").exists()
+
+
+def test_resources_the_issue_reported_are_refused_with_the_numbers(smoke_config, tmp_path):
+    # 1 worker × (1.5 + 1.0 decode) = 2.5 CPUs on a 2-CPU machine: Ray Data's decode task never runs.
+    cfg = smoke_config(tmp_path, {"train": {"num_workers": 1, "cpus_per_worker": 1.5},
+                                  "data": {"decode_cpus": 1.0}})
+    assert run_reservation(cfg) == {"CPU": 2.5, "GPU": 0.0}
+    short = check_resources(cfg, {"CPU": 2.0}, "this machine")
+    assert len(short) == 1 and "= 2.5 CPUs, but this machine has 2" in short[0]
+    assert check_resources(cfg, {"CPU": 4.0}, "x") == []
+    gpu = smoke_config(tmp_path, {"train": {"use_gpu": True}})
+    assert any("need 2 GPUs, but x has 0" in s for s in check_resources(gpu, {"CPU": 8.0, "GPU": 0.0}, "x"))
+    # The committed smoke and demo settings fit 2 CPUs (CI's machine).
+    assert check_resources(smoke_config(tmp_path), {"CPU": 2.0}, "x") == []
+
+
+def test_local_ray_is_predicted_without_starting_it(monkeypatch, tmp_path):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert starts_local_ray("local")
+    assert not starts_local_ray("ray://head:10001")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert not starts_local_ray(None)
 
 
 def test_valid_config_passes_the_checks(smoke_config, tmp_path):

@@ -2,8 +2,9 @@
 
 `from_labels` reads an ImageFolder tree (one sub-folder per class; an optional `classnames.txt` at the
 root names the classes, one line per folder in sorted folder order) and writes captioned shards:
-each image gets one template drawn at random (seeded) and formatted with its class name,
-`template.format(c=classname)` as in CLIP's prompt lists. Sample order is shuffled with the same seed
+each image gets one template drawn at random (seeded) and filled with its class name (templates in
+either convention, `{}` or `{c}`, and class names from classnames.txt or the folder names: the rules of
+`scalelab.data.prompts`, shared with evaluation). Sample order is shuffled with the same seed
 so that the data axis, which takes the first shards, sees every class.
 
 Exporters write small labelled sets as ImageFolder trees of PNG files, with classnames.txt and a
@@ -25,14 +26,25 @@ import numpy as np
 from PIL import Image
 
 from scalelab.data.manifest import Format, Manifest
+from scalelab.data.prompts import (
+    CLASSNAMES_FILE,
+    TEMPLATES_FILE,
+    class_folders,
+    fill_template,
+    read_classnames,
+    read_templates,
+    resolve_classnames,
+)
 from scalelab.data.shards import IMAGE_EXTS, ShardWriter
 
 __all__ = [
+    "CLASSNAMES_FILE",
     "DIGIT_NAMES",
     "DIGIT_TEMPLATES",
     "FASHION_MNIST_DIR",
     "FASHION_MNIST_NAMES",
     "FASHION_MNIST_TEMPLATES",
+    "TEMPLATES_FILE",
     "export_digits",
     "export_fashion_mnist",
     "from_labels",
@@ -40,8 +52,6 @@ __all__ = [
     "read_templates",
 ]
 
-CLASSNAMES_FILE = "classnames.txt"
-TEMPLATES_FILE = "templates.txt"
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DIGIT_TEMPLATES = (
     "a photo of the number {c}.",
@@ -65,57 +75,18 @@ FASHION_MNIST_TEMPLATES = (
 _PIL_SAVE = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
 
-# --------------------------------------------------------------------------- text files
-def _lines(path: Path) -> list[str]:
-    """Non-blank lines without '#' comments."""
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            out.append(line)
-    return out
-
-
-def read_templates(templates: list[str] | tuple[str, ...] | str | Path) -> list[str]:
-    """Templates from a list or a templates.txt (one per line); each must format with `{c}` alone."""
-    items = list(templates) if isinstance(templates, list | tuple) else _lines(Path(templates))
-    if not items:
-        raise ValueError("no prompt templates given")
-    for t in items:
-        try:
-            ok = "{c}" in t and t.format(c="x") != t
-        except (KeyError, IndexError, ValueError):
-            ok = False
-        if not ok:
-            raise ValueError(f"template {t!r} must contain '{{c}}' and no other '{{…}}' fields")
-    return items
-
-
-def read_classnames(path: str | Path) -> list[str]:
-    """Class names from a classnames.txt, one line per class folder in sorted folder order."""
-    return _lines(Path(path))
-
-
-def _write_text(path: Path, lines: list[str] | tuple[str, ...]) -> None:
-    path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
-
-
 # --------------------------------------------------------------------------- ImageFolder -> pairs
 def _class_folders(root: Path, classnames: list[str] | None) -> tuple[list[Path], list[str]]:
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = class_folders(root)
     if not folders:
         raise ValueError(f"{root} has no class sub-folders")
-    if classnames is None and (root / CLASSNAMES_FILE).is_file():
-        classnames = read_classnames(root / CLASSNAMES_FILE)
-    if classnames is None:
-        classnames = [f.name.replace("_", " ") for f in folders]
-    if len(classnames) != len(folders):
-        raise ValueError(f"{len(classnames)} class names for {len(folders)} class folders in {root}")
-    if any(not c.strip() for c in classnames):
-        raise ValueError("class names must be non-empty")
-    return folders, list(classnames)
+    return folders, resolve_classnames(root, folders, classnames)
+
+
+def _write_text(path: Path, lines: list[str] | tuple[str, ...]) -> None:
+    path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
 
 
 def _images(folder: Path) -> list[Path]:
@@ -179,7 +150,7 @@ def from_labels(
     with writer:
         for i in order:
             ci, fi, path = items[i]
-            caption = prompts[choices[i]].format(c=names[ci])
+            caption = fill_template(prompts[choices[i]], names[ci])
             meta = {
                 "label": ci,
                 "class": names[ci],

@@ -1,8 +1,10 @@
 """Evaluation inputs: ImageFolder zero-shot sets and shard-dataset retrieval pairs, preprocessed for eval.
 
-An ImageFolder set is `<dir>/<class folder>/<image>` plus `classnames.txt` (one readable class name per
-line, in sorted folder order) and `templates.txt` (prompt templates containing `{c}`), as written by
-`scalelab.data.synth.generate_eval_sets`. Retrieval pairs are a shard dataset (manifest.json + shards).
+An ImageFolder set is `<dir>/<class folder>/<image>`, with an optional `classnames.txt` (one readable
+class name per line, in sorted folder order; else the folder names) and `templates.txt` (prompt templates
+with `{}` or `{c}`; else a shared templates file), as written by `scalelab.data.synth.generate_eval_sets`
+— the rules of `scalelab.data.prompts`, which `scalelab data from-labels` follows too. Retrieval pairs
+are a shard dataset (manifest.json + shards).
 
 Preprocessing is CLIP's eval transform — shorter side to S, centre crop, bicubic, CLIP mean/std — the
 same as the eval branch of `scalelab.data.pipeline._Decode`. It is re-implemented here rather than
@@ -21,7 +23,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from scalelab.data import prompts
 from scalelab.data.manifest import Manifest
+from scalelab.data.prompts import (
+    CLASSNAMES_FILE,
+    TEMPLATES_FILE,
+    class_folders,
+    resolve_classnames,
+    templates_file,
+)
 from scalelab.data.shards import BadSample, ShardError, iter_shard
 from scalelab.data.transforms import CLIP_MEAN, CLIP_STD, preprocess_eval
 
@@ -42,8 +52,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-CLASSNAMES_FILE = "classnames.txt"
-TEMPLATES_FILE = "templates.txt"
 IMAGE_SUFFIXES = frozenset((".png", ".jpg", ".jpeg", ".webp", ".bmp"))
 
 
@@ -60,44 +68,32 @@ class LabelledImages:
         return len(self.labels)
 
 
-def _lines(path: Path) -> list[str]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: an eval set needs {CLASSNAMES_FILE} and {TEMPLATES_FILE} "
-                                f"next to its class folders")
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def read_classnames(directory: str | Path) -> list[str]:
-    """Readable class names of an ImageFolder set, one per class folder in sorted folder order."""
-    names = _lines(Path(directory) / CLASSNAMES_FILE)
-    if not names:
-        raise ValueError(f"{Path(directory) / CLASSNAMES_FILE} is empty")
-    return names
+    """Readable class names of an ImageFolder set, one per class folder in sorted folder order
+    (classnames.txt, else the folder names)."""
+    return resolve_classnames(directory, class_folders(directory))
 
 
-def read_templates(directory: str | Path) -> list[str]:
-    """Prompt templates of an ImageFolder set; each must contain the `{c}` placeholder."""
-    path = Path(directory) / TEMPLATES_FILE
-    templates = _lines(path)
-    if not templates:
-        raise ValueError(f"{path} is empty: give at least one prompt template such as 'a photo of a {{c}}.'")
-    bad = [t for t in templates if "{c}" not in t]
-    if bad:
-        raise ValueError(f"{path}: templates without the {{c}} placeholder: {bad[:5]}")
-    return templates
+def read_templates(directory: str | Path, shared: str | Path | None = None) -> list[str]:
+    """Prompt templates of an ImageFolder set (its templates.txt, else the `shared` file), each with
+    one `{}` or `{c}` placeholder, normalised to `{c}`."""
+    return prompts.read_templates(templates_file(directory, shared))
 
 
-def load_image_folder(directory: str | Path, image_size: int) -> LabelledImages:
-    """Load every image of an ImageFolder set (layout in the module docstring), preprocessed for eval."""
+def load_image_folder(directory: str | Path, image_size: int,
+                      templates: str | Path | None = None) -> LabelledImages:
+    """Load every image of an ImageFolder set (layout in the module docstring), preprocessed for eval.
+
+    `templates`: a shared templates file, used when the set has no templates.txt of its own.
+    """
     root = Path(directory)
     if not root.is_dir():
         raise FileNotFoundError(f"eval set directory not found: {root}")
-    folders = sorted(p for p in root.iterdir() if p.is_dir())
-    classnames = read_classnames(root)
-    templates = read_templates(root)
-    if len(classnames) != len(folders):
-        raise ValueError(f"{root}: {CLASSNAMES_FILE} names {len(classnames)} classes but there are "
-                         f"{len(folders)} class folders ({[f.name for f in folders][:10]})")
+    folders = class_folders(root)
+    if not folders:
+        raise ValueError(f"{root} has no class sub-folders (an eval set is <dir>/<class>/<image>)")
+    classnames = resolve_classnames(root, folders)
+    prompt_list = read_templates(root, templates)
     arrays: list[np.ndarray] = []
     labels: list[int] = []
     for label, folder in enumerate(folders):
@@ -108,7 +104,7 @@ def load_image_folder(directory: str | Path, image_size: int) -> LabelledImages:
     if not arrays:
         raise ValueError(f"{root}: no images ({'/'.join(sorted(IMAGE_SUFFIXES))}) in its class folders")
     return LabelledImages(torch.from_numpy(np.stack(arrays)), torch.tensor(labels, dtype=torch.int64),
-                          classnames, templates)
+                          classnames, prompt_list)
 
 
 def load_pairs(dataset_dir: str | Path, image_size: int) -> tuple[torch.Tensor, list[str]]:

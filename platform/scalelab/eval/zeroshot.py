@@ -139,8 +139,10 @@ def zeroshot_classify(model: nn.Module, tokenizer: Tokenizer, images: torch.Tens
 
 def evaluate_sets(model: nn.Module, tokenizer: Tokenizer, sets: Mapping[str, str | Path],
                   image_size: int | None = None, *, shifted: Sequence[str] = (),
-                  batch_size: int = 256) -> dict[str, float]:
+                  batch_size: int = 256, templates: str | Path | None = None) -> dict[str, float]:
     """Zero-shot metrics of each ImageFolder set, under stable keys `eval/zeroshot/<set>/<metric>`.
+
+    `templates`: a shared templates file for the sets without a templates.txt of their own.
 
     `shifted` names the sets that count as distribution shifts; their mean top1 is reported as
     `eval/zeroshot/robustness_avg/top1` (omitted when `shifted` is empty). `image_size` defaults to
@@ -156,7 +158,7 @@ def evaluate_sets(model: nn.Module, tokenizer: Tokenizer, sets: Mapping[str, str
     size = model.config.image_size if image_size is None else image_size
     out: dict[str, float] = {}
     for name, directory in sets.items():
-        data = load_image_folder(directory, size)
+        data = load_image_folder(directory, size, templates)
         metrics = zeroshot_classify(model, tokenizer, data.images, data.labels, data.classnames,
                                     data.templates, batch_size=batch_size)
         out.update({f"eval/zeroshot/{name}/{k}": v for k, v in metrics.items()})

@@ -30,6 +30,7 @@ __all__ = ["TRIAL_TAG", "run_sweep", "sweep_dir"]
 TRIAL_TAG = "scalelab.trial"
 PARENT_TAG = "scalelab.sweep_parent"
 ROOT_ENV = "SCALELAB_ROOT"
+TRIAL_CPUS = 0.01  # what a Tune trial's own function reserves (it only waits on its TorchTrainer)
 
 
 def sweep_dir(sweep: SweepConfig) -> Path:
@@ -92,6 +93,7 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, ray_address: str | No
     uri = resolve_tracking_uri(sweep.tracking_uri, sweep.storage)
     sweep = sweep.model_copy(update={"tracking_uri": uri})
     trials = plan(sweep, base)
+    _check_local_resources(trials, ray_address)
     state = _parent_run(sweep, trials)
     say = print if verbose else (lambda *_: None)
     say(f"[{sweep.name}] {len(trials)} trials; MLflow parent run {state.parent_run_id}; "
@@ -111,6 +113,21 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, ray_address: str | No
     say(f"open MLflow: mlflow ui --backend-store-uri {uri}  →  "
         f"http://127.0.0.1:5000/#/experiments/{state.experiment_id}/runs/{state.parent_run_id}")
     return state, results
+
+
+def _check_local_resources(trials: list[Trial], ray_address: str | None) -> None:
+    """Every trial must fit this machine when the sweep starts local Ray (a trial that cannot would
+    wait for its CPUs forever); on a cluster the trials wait for nodes the autoscaler adds."""
+    from scalelab.train.preflight import local_capacity, refuse_short_resources, starts_local_ray
+
+    if not starts_local_ray(ray_address):
+        return
+    capacity = local_capacity()
+    for t in trials:
+        try:
+            refuse_short_resources(t.experiment, capacity, "this machine", extra_cpus=TRIAL_CPUS)
+        except ConfigError as err:
+            raise ConfigError(f"trial {t.name}: {err}") from None
 
 
 def _parent_run(sweep: SweepConfig, trials: list[Trial]) -> SweepState:
@@ -164,7 +181,7 @@ def _tune(sweep: SweepConfig, trials: list[Trial], state: SweepState, say: Any, 
         tune.with_parameters(run_trial, experiments={t.name: t.experiment.to_dict() for t in trials},
                              axes={t.name: (t.data, t.model, t.batch) for t in trials},
                              sweep_name=sweep.name, parent_run_id=state.parent_run_id),
-        {"cpu": 0.01},  # the trial function only waits on its TorchTrainer, whose workers hold the CPUs
+        {"cpu": TRIAL_CPUS},
     )
     callbacks = [LiveTable(sweep.metric, len(trials), quiet=quiet), Refit(state)]
     if tune.Tuner.can_restore(str(path)):

@@ -19,9 +19,18 @@ from typing import Any
 
 from scalelab.config import ExperimentConfig, flatten, resolve_paths
 from scalelab.train.checkpoint import RunState, latest_checkpoint, read_run_state
-from scalelab.train.preflight import check_experiment, check_resume, run_dir
+from scalelab.train.failures import RunFailed, clear_failure, read_failure
+from scalelab.train.preflight import (
+    check_experiment,
+    check_resources,
+    check_resume,
+    local_capacity,
+    refuse_short_resources,
+    run_dir,
+    starts_local_ray,
+)
 
-__all__ = ["TrainResult", "ensure_ray", "launch", "worker_env"]
+__all__ = ["RunFailed", "TrainResult", "ensure_ray", "launch", "worker_env"]
 
 _PASSTHROUGH_ENV = ("SCALELAB_FAIL_AT_STEP", "SCALELAB_FAIL_RANK", "SCALELAB_FAIL_MARKER", "HF_HUB_OFFLINE",
                     "MLFLOW_DISABLE_TELEMETRY")
@@ -56,6 +65,8 @@ def launch(cfg: ExperimentConfig, *, parent_run_id: str | None = None, tags: dic
     cfg = resolve_paths(cfg)
     check_experiment(cfg)
     previous = check_resume(cfg)
+    if starts_local_ray(ray_address) and not _ray_initialized():
+        refuse_short_resources(cfg, local_capacity(), "this machine")
     say = print if verbose else (lambda *_: None)
     if previous is not None:
         state = "finished" if previous.finished and previous.step >= cfg.train.steps else "interrupted"
@@ -69,7 +80,9 @@ def launch(cfg: ExperimentConfig, *, parent_run_id: str | None = None, tags: dic
         say(f"[{cfg.name}] already finished ({previous.step} steps); nothing to do")
         handle.finish("FINISHED")
         return _result(cfg, handle.run_id, uri, previous, previous.step)
-    ensure_ray(ray_address)
+    started_local = ensure_ray(ray_address)
+    _check_ray_resources(cfg, started_local, say)
+    clear_failure(run_dir(cfg))
     try:
         _fit(cfg, handle.run_id, uri, callbacks or [])
     except KeyboardInterrupt:
@@ -78,11 +91,46 @@ def launch(cfg: ExperimentConfig, *, parent_run_id: str | None = None, tags: dic
     except BaseException:
         handle.finish("FAILED")
         raise
+    _raise_if_stopped(cfg, handle)
     handle.finish("FINISHED")
     final = read_run_state(latest_checkpoint(run_dir(cfg)))
     result = _result(cfg, handle.run_id, uri, final, previous.step if previous else None)
     say(f"[{cfg.name}] done: {final.step} steps, {final.samples_seen} samples; in {result.run_dir}")
     return result
+
+
+def _raise_if_stopped(cfg: ExperimentConfig, handle: Any) -> None:
+    """A run the workers ended on a deterministic error (train/failures.py): FAILED, reason tagged."""
+    failure = read_failure(run_dir(cfg))
+    if failure is None:
+        return
+    handle.set_tags({"scalelab.failure": failure.reason[:4000], "scalelab.failure_kind": failure.kind,
+                     "scalelab.failed_at_step": str(failure.step)})
+    handle.finish("FAILED")
+    latest = latest_checkpoint(run_dir(cfg))
+    kept = (f"its last checkpoint {latest} is kept: fix the cause and run the same command to resume"
+            if latest else "no checkpoint was written yet")
+    raise RunFailed(f"run {cfg.name!r} stopped at step {failure.step}: {failure.reason} ({kept})")
+
+
+def _ray_initialized() -> bool:
+    import sys
+
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def _check_ray_resources(cfg: ExperimentConfig, started_local: bool, say: Any) -> None:
+    """What the run reserves against what Ray has: refused on a local instance (nothing will add
+    CPUs); on a cluster, a warning with the numbers (an autoscaler may still add nodes)."""
+    import ray
+
+    capacity = {k: float(v) for k, v in ray.cluster_resources().items()}
+    if started_local:
+        refuse_short_resources(cfg, capacity, "the local Ray instance")
+        return
+    for line in check_resources(cfg, capacity, "the Ray cluster (now)"):
+        say(f"[{cfg.name}] warning: {line}; the run waits until the cluster has them")
 
 
 def _result(
@@ -172,8 +220,8 @@ def _fit(cfg: ExperimentConfig, run_id: str, uri: str, callbacks: list[Any]) -> 
     return trainer.fit()
 
 
-def ensure_ray(address: str | None = None) -> None:
-    """Initialise Ray in this process unless it already is.
+def ensure_ray(address: str | None = None) -> bool:
+    """Initialise Ray in this process unless it already is; True when it started a local instance.
 
     `address` None: `RAY_ADDRESS` if set, else the cluster running on this machine (`ray start`), else
     a new local instance. "local": always a new local instance, with a modest object store (Ray's
@@ -182,15 +230,15 @@ def ensure_ray(address: str | None = None) -> None:
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address not in (None, "local"):
         ray.init(address=address)
-        return
+        return False
     if address is None:
         try:
             ray.init(address="auto")
-            return
+            return False
         except ConnectionError:
             pass
     # The processes Ray starts inherit this environment. A local instance is one machine that nothing
@@ -201,3 +249,4 @@ def ensure_ray(address: str | None = None) -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     ray.init(address="local", object_store_memory=1_000_000_000, include_dashboard=False)
+    return True

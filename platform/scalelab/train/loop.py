@@ -48,6 +48,7 @@ from scalelab.train.checkpoint import (
 from scalelab.train.compute import training_macs
 from scalelab.train.ds_config import batch_geometry
 from scalelab.train.engine import build_engine, zero_stage
+from scalelab.train.failures import Failure, RunStopped, write_failure
 from scalelab.train.step import train_step
 
 __all__ = ["FAIL_AT_STEP_ENV", "FAIL_MARKER_ENV", "FAIL_RANK_ENV", "train_worker"]
@@ -83,7 +84,13 @@ def train_worker(config: dict[str, Any]) -> None:
         reporter.say(f"resumed at step {run.step} ({run.samples_seen} samples seen)")
     if run.step >= cfg.train.steps:  # finished before (the driver says so); nothing left to do
         return
-    _train(cfg, engine, run, mine, rank, world, reporter, config)
+    try:
+        _train(cfg, engine, run, mine, rank, world, reporter, config)
+    except RunStopped as stop:  # every rank is here at the same step: end without a retry (failures.py)
+        if rank == 0:
+            write_failure(Path(cfg.run.storage) / cfg.name, Failure(stop.reason, stop.kind, run.step))
+            if reporter:
+                reporter.say(f"stopped at step {run.step}: {stop.reason}")
 
 
 def _newest(recorded: Any, on_storage: str | None) -> Any:
@@ -121,7 +128,7 @@ def _train(cfg: ExperimentConfig, engine: Any, run: RunState, mine: RankState, r
                 reporter.log(metrics, run.step)
         evaluated = None
         if last or (every_eval and run.step % every_eval == 0):
-            evaluated = _evaluate(engine, evaluator, cfg)
+            evaluated = _agreed(_evaluate(engine, evaluator, cfg))
             if reporter:
                 reporter.log_eval(evaluated, run.step, last)
             if last:
@@ -131,6 +138,16 @@ def _train(cfg: ExperimentConfig, engine: Any, run: RunState, mine: RankState, r
             _report(run, metrics, evaluated, checkpoint=(engine, stream.state(), rank))
         elif logged:
             _report(run, metrics, evaluated)
+
+
+def _agreed(evaluated: dict[str, float] | BaseException | None) -> dict[str, float] | None:
+    """Rank 0's evaluation, or `RunStopped` on every rank when it failed: a broken eval set fails the
+    same way after a restart, and the other ranks must stop at this step too, not wait in a collective."""
+    failed = isinstance(evaluated, BaseException)
+    if _all_ranks_true(not failed):
+        return evaluated  # type: ignore[return-value]
+    reason = f"evaluation failed: {type(evaluated).__name__}: {evaluated}" if failed else "evaluation failed"
+    raise RunStopped(reason.splitlines()[0], kind="eval")
 
 
 def _report(run: RunState, metrics: dict[str, Any], evaluated: dict[str, float] | None,
@@ -181,12 +198,12 @@ class _Stream:
                 batch = None
             if _all_ranks_true(batch is not None):
                 return batch
-            if attempt:
-                raise RuntimeError(
-                    f"epoch {self.epoch} gives some rank no full batch of {self.batch} samples: "
-                    f"data.n_pairs={self.cfg.data.n_pairs} is too small for train.global_batch="
-                    f"{self.cfg.train.global_batch} on {self.world} workers"
-                )
+            if attempt:  # agreed by all ranks: every rank stops here
+                raise RunStopped(
+                    f"epoch {self.epoch} gives some rank no full batch of {self.batch} valid samples "
+                    f"(bad samples so far: {self._skipped() or 'none'}): data.n_pairs="
+                    f"{self.cfg.data.n_pairs} is too small for train.global_batch="
+                    f"{self.cfg.train.global_batch} on {self.world} workers", kind="data")
             self._carried = self._skipped()
             self.epoch += 1
             self._open(0)
@@ -261,18 +278,20 @@ class _Evaluator:
         shapes = self.model.state_dict()
         self.model.load_state_dict({k: v.float().reshape(shapes[k].shape) for k, v in weights.items()})
         e = self.cfg.eval
-        out = evaluate_sets(self.model, self.tokenizer, e.sets, shifted=e.shifted, batch_size=e.batch_size)
+        out = evaluate_sets(self.model, self.tokenizer, e.sets, shifted=e.shifted, batch_size=e.batch_size,
+                            templates=e.templates)
         if e.retrieval:
             out.update(evaluate_retrieval(self.model, self.tokenizer, e.retrieval, batch_size=e.batch_size))
         return out
 
 
-def _evaluate(engine: Any, evaluator: _Evaluator | None, cfg: ExperimentConfig) -> dict[str, float] | None:
+def _evaluate(engine: Any, evaluator: _Evaluator | None,
+              cfg: ExperimentConfig) -> dict[str, float] | Exception | None:
     """Rank 0 evaluates the weights `scalelab export` would write: the optimizer's fp32 master copies
     where there are any (ZeRO-1/2/3), else the module's own parameters (ZeRO-0; with bf16 the wrapper
     optimizer's masters are not readable through this API, so a bf16 ZeRO-0 run evaluates its bf16
     module while its export holds the masters). Collective: reading a full master (all-reduce / ZeRO-3
-    gather) needs every rank."""
+    gather) needs every rank. An evaluation error is returned, not raised (see `_agreed`)."""
     if not (cfg.eval.sets or cfg.eval.retrieval):
         return None
     import deepspeed
@@ -285,7 +304,10 @@ def _evaluate(engine: Any, evaluator: _Evaluator | None, cfg: ExperimentConfig) 
             return None
         weights = dict(engine.module.state_dict())  # buffers, and parameters without a master copy
         weights.update({name: m for name, m in masters.items() if m is not None})
-        return evaluator(weights)
+        try:  # caught here, inside the gather, so that every rank leaves it the same way
+            return evaluator(weights)
+        except Exception as err:  # local to rank 0 (no collectives inside): it would recur on a retry
+            return err
 
 
 # --------------------------------------------------------------------------- reporting (rank 0)
