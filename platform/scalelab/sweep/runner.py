@@ -126,8 +126,10 @@ def _check_local_resources(trials: list[Trial], ray_address: str | None) -> None
     for t in trials:
         try:
             refuse_short_resources(t.experiment, capacity, "this machine", extra_cpus=TRIAL_CPUS)
-        except ConfigError as err:
-            raise ConfigError(f"trial {t.name}: {err}") from None
+        except ConfigError as err:  # a sweep sets these through its resources section
+            hint = str(err).replace("train.cpus_per_worker", "resources.cpus_per_worker").replace(
+                "use fewer workers", "lower resources.workers_per_trial")
+            raise ConfigError(f"trial {t.name}: {hint}") from None
 
 
 def _parent_run(sweep: SweepConfig, trials: list[Trial]) -> SweepState:

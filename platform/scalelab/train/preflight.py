@@ -171,9 +171,11 @@ def _check_image_folder(root: Path, shared_templates: str | None) -> None:
 def _check_storage(cfg: ExperimentConfig) -> None:
     """The storage root must take files: checkpoints and the MLflow store go there."""
     root = Path(cfg.run.storage)
+    existing = next(p for p in (root, *root.parents) if p.exists())  # nothing is created by a check
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=root, prefix=".scalelab-write-test-"):
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file")
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".scalelab-write-test-"):
             pass
     except OSError as err:
         raise ConfigError(f"run.storage: {root} is not writable ({err.strerror or err}); "
