@@ -59,6 +59,27 @@ def test_index_then_validate_and_an_unreadable_shard_exits_1(tmp_path, capsys):
     assert _run("index", str(tmp_path)) == 2
     assert "00001.tar" in capsys.readouterr().err
     assert _run("index", "--skip-unreadable", str(tmp_path)) == 0
+    assert "shards left out (unreadable or truncated): 00001.tar" in capsys.readouterr().out
+
+
+def test_validate_reports_a_truncated_shard_and_its_intact_samples(tmp_path, capsys):
+    _foreign_tar(tmp_path / "00000.tar", n=4)
+    _foreign_tar(tmp_path / "00001.tar", n=4)
+    with tarfile.open(tmp_path / "00001.tar") as tf:
+        cut = tf.getmember("000000003.jpg").offset_data + 100
+    data = (tmp_path / "00001.tar").read_bytes()
+    (tmp_path / "00001.tar").write_bytes(data[:cut])
+    assert _run("validate", str(tmp_path)) == 1  # a damaged file fails validate, as an unreadable one does
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("00001.tar"))
+    assert row.split()[:4] == ["00001.tar", "3", "1", "truncated:"]
+    assert f"cut at byte {cut}, inside member 000000003.jpg" in row
+    total = next(line for line in out.splitlines() if line.startswith("TOTAL"))
+    assert total.split()[:2] == ["TOTAL", "7"] and "NOT OK: 1 truncated shard" in out
+    assert _run("validate", "--json", str(tmp_path)) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["good"] == 7 and report["problems"] == {"truncated_shard": 1}
+    assert report["truncated"] == [{"path": "00001.tar", "detail": row.split("truncated: ")[1]}]
 
 
 def test_user_errors_exit_2_with_a_message(tmp_path, capsys):

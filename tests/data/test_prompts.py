@@ -1,4 +1,4 @@
-"""Class names and prompt templates: both placeholder conventions, one set of rules for from-labels and eval."""
+"""Class names and prompt templates: both placeholder conventions, one set of rules (from-labels, eval)."""
 
 from pathlib import Path
 

@@ -11,6 +11,7 @@ from PIL import Image
 
 from scalelab.data.manifest import Manifest, sha256_file
 from scalelab.data.shards import (
+    TRUNCATED,
     BadSample,
     RawSample,
     ShardError,
@@ -18,6 +19,7 @@ from scalelab.data.shards import (
     finish_dataset,
     iter_shard,
     split_member_name,
+    tar_member_names,
 )
 
 
@@ -166,23 +168,87 @@ def test_reads_foreign_img2dataset_tar(tmp_path):
     assert Image.open(io.BytesIO(samples[3].image)).format == "WEBP"
 
 
-@pytest.mark.parametrize("where", ["mid_data", "header_boundary", "before_end_marker"])
-def test_truncated_tar_raises_shard_error_with_its_path(tmp_path, where):
-    _write(tmp_path, "webdataset", n=3).close()
-    good = tmp_path / "00000.tar"
-    with tarfile.open(good) as tf:
-        members = tf.getmembers()
-    last = members[-1]
-    cut = {
-        "mid_data": members[2].offset_data + 10,
-        "header_boundary": members[3].offset,  # tarfile itself would stop here without a word
-        "before_end_marker": last.offset_data + 512,
-    }[where]
-    bad = tmp_path / "bad.tar"
-    bad.write_bytes(good.read_bytes()[:cut])
+def _members(path):
+    with tarfile.open(path) as tf:
+        return {m.name: m for m in tf.getmembers()}
+
+
+def _cut_copy(src, dst, cut: int):
+    dst.write_bytes(src.read_bytes()[:cut])
+    return dst
+
+
+# Our writer's shard of 5 samples: keys 000000000..4, png + txt, and a json on odd keys.
+# (cut position, good samples before it, key of the truncated_shard item)
+CUTS = [
+    pytest.param(lambda m: m["000000002.png"].offset_data + 10, 2, "000000002", id="mid_image_data"),
+    pytest.param(lambda m: m["000000002.txt"].offset + 100, 2, "000000002", id="mid_caption_header"),
+    pytest.param(lambda m: m["000000002.png"].offset + 100, 2, "", id="mid_header_between_samples"),
+    pytest.param(lambda m: m["000000002.txt"].offset, 2, "000000002", id="boundary_inside_a_sample"),
+    pytest.param(lambda m: m["000000003.png"].offset, 3, "", id="boundary_between_samples"),
+    pytest.param(lambda m: m["000000004.txt"].offset_data + 512, 5, "", id="no_end_marker"),
+]
+
+
+@pytest.mark.parametrize("cut_at, good, cut_key", CUTS)
+def test_truncated_tar_yields_the_samples_before_the_cut_then_the_cut(tmp_path, cut_at, good, cut_key):
+    _write(tmp_path, "webdataset", n=5, per_shard=5).close()
+    whole = tmp_path / "00000.tar"
+    cut = cut_at(_members(whole))
+    got = list(iter_shard(_cut_copy(whole, tmp_path / "cut.tar", cut)))
+    assert got[:-1] == list(iter_shard(whole))[:good]  # same keys, bytes, captions, meta
+    assert all(isinstance(s, RawSample) for s in got[:-1])
+    assert got[-1].key == cut_key and got[-1].reason == TRUNCATED == "truncated_shard"
+    assert f"cut at byte {cut}" in got[-1].detail
+
+
+def test_truncated_img2dataset_tar_keeps_whole_samples_with_their_json(tmp_path):
+    path = tmp_path / "00000.tar"
+    with tarfile.open(path, "w") as tf:
+        for i in range(4):
+            key = f"{i:09d}"
+            _add(tf, f"{key}.jpg", _img(i, "JPEG"))
+            _add(tf, f"{key}.txt", f"alt text {i}".encode())
+            _add(tf, f"{key}.json", json.dumps({"key": key, "url": f"http://x/{i}"}).encode())
+    cut = _members(path)["000000002.json"].offset_data + 5  # mid-way through sample 2's last member
+    got = list(iter_shard(_cut_copy(path, tmp_path / "cut.tar", cut)))
+    assert [(s.key, s.meta["url"]) for s in got[:2]] == [("000000000", "http://x/0"), ("000000001", "http://x/1")]
+    assert got[2] == BadSample("000000002", TRUNCATED, f"cut at byte {cut}, inside member 000000002.json")
+    assert len(got) == 3
+    assert tar_member_names(tmp_path / "cut.tar")[-1] == "000000002.json"  # headers before the cut
+
+
+def test_corrupt_header_mid_tar_keeps_what_precedes_it(tmp_path):
+    _write(tmp_path, "webdataset", n=4, per_shard=4).close()
+    whole = tmp_path / "00000.tar"
+    at = _members(whole)["000000002.png"].offset
+    data = bytearray(whole.read_bytes())
+    data[at : at + 512] = b"garbage!" * 64
+    (tmp_path / "bad.tar").write_bytes(bytes(data))
+    got = list(iter_shard(tmp_path / "bad.tar"))
+    assert got[:-1] == list(iter_shard(whole))[:2]
+    assert got[-1] == BadSample("", TRUNCATED, f"corrupt header at byte {at}")
+
+
+def test_tar_cut_inside_its_first_header_is_unreadable_with_its_path(tmp_path):
+    _write(tmp_path, "webdataset", n=2).close()
+    bad = _cut_copy(tmp_path / "00000.tar", tmp_path / "bad.tar", 300)
+    with pytest.raises(ShardError) as err:
+        list(iter_shard(bad))
+    assert err.value.path == bad and str(bad) in str(err.value) and "truncated" in str(err.value)
+
+
+def test_truncated_parquet_is_unreadable_with_its_path(tmp_path):
+    """Parquet keeps the schema and every row group's offset in the footer, at the end of the file: a
+    file cut short cannot be salvaged, so the reader says so, naming the file."""
+    _write(tmp_path, "parquet", n=6, per_shard=6).close()
+    whole = tmp_path / "00000.parquet"
+    assert len(list(iter_shard(whole))) == 6
+    bad = _cut_copy(whole, tmp_path / "cut.parquet", whole.stat().st_size // 2)
     with pytest.raises(ShardError) as err:
         list(iter_shard(bad))
     assert err.value.path == bad and str(bad) in str(err.value)
+    assert "truncated (no footer)" in err.value.reason
 
 
 def test_unreadable_parquet_and_missing_columns_raise_shard_error(tmp_path):

@@ -91,19 +91,64 @@ def test_iter_shard_leaves_image_decoding_to_validate(tmp_path):
     assert validate_dataset(tmp_path, decode=False).good == 4
 
 
+def _cut_inside(path, member: str, into: int = 10) -> int:
+    """Cut the tar at `path` `into` bytes into the data of `member`; returns the new size."""
+    with tarfile.open(path) as tf:
+        cut = tf.getmember(member).offset_data + into
+    path.write_bytes(path.read_bytes()[:cut])
+    return cut
+
+
+def test_truncated_shard_counts_its_intact_samples_and_fails_ok(tmp_path):
+    with ShardWriter(tmp_path, samples_per_shard=8) as w:
+        for i in range(16):
+            w.write(f"{i:03d}", _img(i, "PNG"), f"sample {i}")
+    w.finish()
+    cut = _cut_inside(tmp_path / "00001.tar", "013.png")  # shard 2 holds 008..015: 5 intact before the cut
+    report = validate_dataset(tmp_path)
+    assert not report.ok and report.unreadable == []
+    assert report.good == 8 + 5 and report.bad == 1 and report.problems == {"truncated_shard": 1}
+    first, second = report.shards
+    assert (first.good, first.truncated, second.good) == (8, None, 5)
+    assert second.truncated == f"cut at byte {cut}, inside member 013.png"
+    assert second.examples == {"truncated_shard": ["013"]}
+    assert report.truncated == [("00001.tar", second.truncated)]
+    assert report.mismatches == ["00001.tar: manifest says 8 samples, 5 intact before the cut"]
+    assert report.to_dict()["truncated"] == [{"path": "00001.tar", "detail": second.truncated}]
+    lines = report.table().splitlines()
+    assert lines[1].split() == ["shard", "good", "truncated_shard", "status"]
+    assert lines[3].split()[:4] == ["00001.tar", "5", "1", "truncated:"] and "013.png" in lines[3]
+    assert lines[4].split() == ["TOTAL", "13", "1", "1", "truncated"]
+    assert lines[-1].startswith("NOT OK: 1 truncated shard") and "used in training" in lines[-1]
+
+
 def test_unreadable_shard_is_reported_with_its_path_and_fails_ok(tmp_path):
     _tar(tmp_path / "00000.tar", BAD_TAR[:3])
     _tar(tmp_path / "00001.tar", BAD_TAR[:6])
     data = (tmp_path / "00001.tar").read_bytes()
-    (tmp_path / "00001.tar").write_bytes(data[: len(data) // 3])
+    (tmp_path / "00001.tar").write_bytes(data[:200])  # inside the first header: nothing to salvage
     report = validate_dataset(tmp_path)
-    assert not report.ok
+    assert not report.ok and report.truncated == []
     assert report.good == 1
     assert report.problems["unreadable_shard"] == 1
     [(path, error)] = report.unreadable
-    assert path == "00001.tar" and "truncated" in error
+    assert path == "00001.tar" and "truncated or not a tar" in error
     assert report.to_dict()["unreadable"] == [{"path": "00001.tar", "error": error}]
-    assert "NOT OK" in report.table()
+    table = report.table()
+    assert f"unreadable: {error}" in table and "NOT OK: 1 unreadable shard" in table
+
+
+def test_truncated_parquet_shard_is_unreadable_and_named(tmp_path):
+    with ShardWriter(tmp_path, fmt="parquet", samples_per_shard=4) as w:
+        for i in range(8):
+            w.write(f"{i:03d}", _img(i), f"sample {i}")
+    w.finish()
+    data = (tmp_path / "00001.parquet").read_bytes()
+    (tmp_path / "00001.parquet").write_bytes(data[: len(data) // 2])
+    report = validate_dataset(tmp_path)
+    assert not report.ok and report.good == 4 and report.truncated == []
+    [(path, error)] = report.unreadable
+    assert path == "00001.parquet" and "truncated (no footer)" in error
 
 
 def test_clean_dataset_with_manifest_validates_and_tampering_is_noticed(tmp_path):
@@ -151,14 +196,21 @@ def test_index_counts_only_good_samples_keeps_extra_and_detects_mixed_extensions
 
 
 def test_index_refuses_unreadable_shards_unless_told_to_skip(tmp_path):
-    root = _img2dataset_dir(tmp_path / "d", shards=2, per_shard=3)
+    root = _img2dataset_dir(tmp_path / "d", shards=3, per_shard=3)
     data = (root / "00001.tar").read_bytes()
-    (root / "00001.tar").write_bytes(data[:700])
+    (root / "00001.tar").write_bytes(data[:300])
+    _cut_inside(root / "00002.tar", "000020002.txt", into=3)
     with pytest.raises(ShardError) as err:
         index_dataset(root)
     assert err.value.path == root / "00001.tar"
+    (root / "00001.tar").write_bytes(data)
+    with pytest.raises(ShardError, match="truncated .*2 intact samples .*--skip-unreadable") as err:
+        index_dataset(root)  # a truncated shard is refused too: a manifest records shards as complete
+    assert err.value.path == root / "00002.tar"
     m = index_dataset(root, skip_unreadable=True)
-    assert [s.path for s in m.shards] == ["00000.tar"] and m.extra["index"]["skipped"] == ["00001.tar"]
+    assert [s.path for s in m.shards] == ["00000.tar", "00001.tar"]
+    assert m.extra["index"]["skipped"] == ["00002.tar"]
+    assert m.extra["index"]["problems"] == {}  # the shard left out is not counted as bad samples
 
 
 def test_parquet_dataset_validate_and_index(tmp_path):

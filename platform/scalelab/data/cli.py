@@ -1,6 +1,7 @@
 """`scalelab data …`: thin subcommands over the data library (validate, index, labels → pairs, exports).
 
     scalelab data validate DIR [--json] [--no-decode]   counts per shard; exit 1 if a shard is unreadable
+                                                        or truncated (its intact samples still count)
     scalelab data index DIR [--source S] [--skip-unreadable] [--no-decode]   manifest for foreign shards
     scalelab data from-labels FOLDER OUT [--templates FILE] [--seed N] [--samples-per-shard N]
     scalelab data export-digits OUT                     scikit-learn digits → ImageFolder (PNG)
@@ -51,12 +52,15 @@ def _cmd_index(args: argparse.Namespace) -> int:
         args.dir, source=args.source, skip_unreadable=args.skip_unreadable, decode=not args.no_decode
     )
     problems = manifest.extra.get("index", {}).get("problems", {})
+    skipped = manifest.extra.get("index", {}).get("skipped", [])
     print(
         f"indexed {args.dir}: {manifest.format}, {len(manifest.shards)} shards, {manifest.num_samples} good "
         f"samples, image_field={manifest.image_field}, content_hash={manifest.content_hash[:12]}"
     )
     if problems:
         print("bad samples left out: " + ", ".join(f"{k}={v}" for k, v in problems.items()))
+    if skipped:
+        print("shards left out (unreadable or truncated): " + ", ".join(skipped))
     return 0
 
 
@@ -97,7 +101,10 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     data = subparsers.add_parser("data", help="validate, index and create datasets (shards + manifest)")
     sub = data.add_subparsers(dest="data_command", required=True)
 
-    v = sub.add_parser("validate", help="read every shard; count good samples and each problem")
+    v = sub.add_parser(
+        "validate",
+        help="read every shard; count good samples and each problem (exit 1: shard unreadable or truncated)",
+    )
     v.add_argument("dir", help="dataset directory")
     v.add_argument("--json", action="store_true", help="machine-readable report")
     v.add_argument("--no-decode", action="store_true", help="skip decoding images (structure only)")
@@ -113,7 +120,8 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     f = sub.add_parser("from-labels", help="ImageFolder tree → captioned shards via prompt templates")
     f.add_argument("folder", help="one sub-folder per class; optional classnames.txt at the root")
     f.add_argument("out", help="output dataset directory (empty)")
-    f.add_argument("--templates", help="templates file, one per line with {c} (default FOLDER/templates.txt)")
+    f.add_argument("--templates",
+                   help="templates file, one per line with {} or {c} (default FOLDER/templates.txt)")
     f.add_argument("--seed", type=int, default=0, help="seed of the template choice and sample order")
     f.add_argument("--samples-per-shard", type=int, default=1000)
     f.set_defaults(func=_guarded(_cmd_from_labels))

@@ -214,11 +214,12 @@ def _permute_within_blocks(
 # --------------------------------------------------------------------------- Ray Data stages
 def _read_block(spec: dict[str, Any], *, slices: tuple[dict[str, Any], ...]) -> list[dict[str, Any]]:
     """Read the rows of one block from their shards; bad samples and unreadable shards become invalid rows."""
-    from scalelab.data.shards import BadSample, iter_shard
+    from scalelab.data.shards import TRUNCATED, BadSample, iter_shard
 
     sid = np.asarray(spec["slice_id"], dtype=np.int64)
     ordinal = np.asarray(spec["ordinal"], dtype=np.int64)
     found: dict[tuple[int, int], dict[str, Any]] = {}
+    cut: set[int] = set()  # truncated shards: their rows past the cut are TRUNCATED, not unreadable
     for s in np.unique(sid):
         sl = slices[s]
         wanted = set(ordinal[sid == s].tolist())
@@ -226,6 +227,10 @@ def _read_block(spec: dict[str, Any], *, slices: tuple[dict[str, Any], ...]) -> 
         try:
             for k, sample in enumerate(iter_shard(sl["path"], fmt=sl["fmt"], image_field=sl["image_field"],
                                                   caption_field=sl["caption_field"])):
+                if isinstance(sample, BadSample) and sample.reason == TRUNCATED:  # the shard's last item
+                    cut.add(int(s))
+                    log.warning("truncated shard %s (%s): its items from %d on are skipped", sl["path"],
+                                sample.detail, k)
                 if k in wanted:
                     bad = isinstance(sample, BadSample)
                     found[(int(s), k)] = {
@@ -242,7 +247,7 @@ def _read_block(spec: dict[str, Any], *, slices: tuple[dict[str, Any], ...]) -> 
     missing = {"key": "", "image_bytes": b"", "caption": "", "valid": False, "reason": UNREADABLE}
     rows = []
     for s, k, p in zip(sid.tolist(), ordinal.tolist(), spec["index"]):
-        row = dict(found.get((s, k), missing))
+        row = dict(found.get((s, k)) or {**missing, "reason": TRUNCATED if s in cut else UNREADABLE})
         row.update(source=slices[s]["source"], index=int(p))
         rows.append(row)
     return rows

@@ -5,13 +5,20 @@
 `BadSample(key, reason)` for structural problems; it does not decode images (validate does). A shard
 it cannot read at all raises `ShardError(path, reason)`. The sample types live here; `shards.py`
 (the writers) re-exports everything, so `scalelab.data.shards` stays the one import users need.
+
+A truncated tar (a download or copy cut short) is read as far as it is intact, as WebDataset's
+streaming reader does: every sample before the cut, then one `BadSample(key, TRUNCATED, detail)` for
+the sample the cut went through (key "" when it fell between samples). A parquet file cut short has
+lost its footer (schema and row-group offsets), so nothing in it can be located: it raises ShardError.
 """
 
 from __future__ import annotations
 
 import json
 import tarfile
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,19 +30,22 @@ __all__ = [
     "PARQUET_CAPTION_COLUMNS",
     "PARQUET_IMAGE_COLUMNS",
     "SHARD_SUFFIX",
+    "TRUNCATED",
     "BadSample",
     "RawSample",
     "ShardError",
     "iter_shard",
     "shard_format",
     "split_member_name",
+    "tar_member_names",
 ]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 SHARD_SUFFIX = {"webdataset": ".tar", "parquet": ".parquet"}
+TRUNCATED = "truncated_shard"  # the shard stops early: one item for the cut, see _split_cut_run
 BAD_REASONS = frozenset(
     ("ungrouped", "undecodable_image", "missing_caption", "empty_caption", "non_utf8_caption",
-     "missing_image", "orphan_member", "bad_json")
+     "missing_image", "orphan_member", "bad_json", TRUNCATED)
 )  # fmt: skip
 PARQUET_IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp")
 PARQUET_CAPTION_COLUMNS = ("caption", "txt")
@@ -51,14 +61,17 @@ class RawSample(NamedTuple):
 
 
 class BadSample(NamedTuple):
-    """A sample the reader had to drop; `reason` is one of BAD_REASONS."""
+    """A sample the reader had to drop; `reason` is one of BAD_REASONS; `detail` says where a
+    truncated shard stops (reason TRUNCATED), empty otherwise."""
 
     key: str
     reason: str
+    detail: str = ""
 
 
 class ShardError(Exception):
-    """A shard that cannot be read at all (truncated, not a tar / parquet, missing columns)."""
+    """A shard that cannot be read at all (not a tar, cut inside its first header, a parquet file
+    without its footer, missing columns)."""
 
     def __init__(self, path: str | Path, reason: str) -> None:
         super().__init__(f"{path}: {reason}")
@@ -135,34 +148,71 @@ def _make_sample(
     return RawSample(key, image, text, meta)
 
 
-def _open_tar(path: Path) -> tuple[tarfile.TarFile, list[tarfile.TarInfo]]:
-    """Open a tar and read all headers; refuse truncated or corrupt archives.
+@dataclass(frozen=True)
+class _TarScan:
+    """A tar's member headers up to its end-of-archive marker, or up to where it stops early."""
 
-    tarfile stops quietly at a short or garbled header, so the end is checked here: the last member
-    must end inside the file and be followed by a zero (end-of-archive) block.
+    members: list[tarfile.TarInfo]
+    size: int  # of the file
+    cut: str | None  # where and how the archive stops early (None: it ends properly)
+
+
+def _scan_tar(tf: tarfile.TarFile, path: Path) -> _TarScan:
+    """Read headers one by one, keeping those before a cut.
+
+    `getmembers()` throws away every header when a member's data is cut ("unexpected end of data"),
+    and stops quietly at a short or garbled header; reading header by header keeps what precedes
+    the damage, which is what makes a truncated shard's intact samples readable by seeking.
     """
+    members: list[tarfile.TarInfo] = []
+    error: Exception | None = None
+    try:
+        while (m := tf.next()) is not None:
+            members.append(m)
+    except (tarfile.TarError, EOFError, ValueError) as err:  # what a cut or garbled header raises
+        error = err
+    size, end = path.stat().st_size, tf.offset
+    with open(path, "rb") as fh:
+        fh.seek(min(end, size))
+        block = fh.read(tarfile.BLOCKSIZE)
+    last = members[-1] if members else None
+    if last is not None and last.offset_data + last.size > size:
+        cut = f"cut at byte {size}, inside member {last.name}"
+    elif size <= end:
+        cut = f"cut at byte {size}, after member {last.name if last else '-'} (no end-of-archive marker)"
+    elif len(block) < tarfile.BLOCKSIZE:
+        cut = f"cut at byte {size}, inside the header at byte {end}"
+    elif error is not None:
+        cut = f"unreadable header at byte {end} ({error})"
+    elif block.count(0) != len(block):  # tarfile stops without a word at a garbled header
+        cut = f"corrupt header at byte {end}"
+    else:
+        cut = None
+    return _TarScan(members, size, cut)
+
+
+def _open_tar(path: Path) -> tuple[tarfile.TarFile, _TarScan]:
+    """Open a tar and scan its headers; ShardError when not even the first header can be read."""
     try:
         tf = tarfile.open(path, "r:")  # noqa: SIM115 -- closed by the caller (the reading generator)
-        members = tf.getmembers()
     except (tarfile.TarError, OSError, EOFError) as err:
         raise ShardError(path, f"unreadable tar: truncated or not a tar ({err})") from None
-    size = path.stat().st_size
-    end = tf.offset
-    with open(path, "rb") as fh:
-        fh.seek(end)
-        block = fh.read(tarfile.BLOCKSIZE)
-    if size < end or len(block) < tarfile.BLOCKSIZE:
+    try:
+        return tf, _scan_tar(tf, path)
+    except OSError as err:
         tf.close()
-        raise ShardError(path, f"truncated tar (ends at byte {size}, members need {end + tarfile.BLOCKSIZE})")
-    if block.count(0) != len(block):
-        tf.close()
-        raise ShardError(path, f"corrupt tar header at byte {end}")
-    return tf, members
+        raise ShardError(path, f"unreadable tar ({err})") from None
 
 
-def _iter_tar(path: Path, image_field: str, caption_ext: str) -> Iterator[RawSample | BadSample]:
-    tf, members = _open_tar(path)
-    # Runs of adjacent members sharing a key; a key with more than one run is "ungrouped".
+def tar_member_names(path: str | Path) -> list[str]:
+    """Names of a tar's members, up to a cut if it is truncated (ShardError if it is not a tar)."""
+    tf, scan = _open_tar(Path(path))
+    with tf:
+        return [m.name for m in scan.members]
+
+
+def _group_runs(members: list[tarfile.TarInfo]) -> list[tuple[str, dict[str, tarfile.TarInfo]]]:
+    """Runs of adjacent file members sharing a key (WebDataset's grouping), in file order."""
     runs: list[tuple[str, dict[str, tarfile.TarInfo]]] = []
     for m in members:
         if not m.isfile():
@@ -172,9 +222,33 @@ def _iter_tar(path: Path, image_field: str, caption_ext: str) -> Iterator[RawSam
             runs[-1][1].setdefault(ext, m)
         else:
             runs.append((key, {ext: m}))
-    seen: dict[str, int] = {}
-    for key, _ in runs:
-        seen[key] = seen.get(key, 0) + 1
+    return runs
+
+
+def _split_cut_run(
+    runs: list[tuple[str, dict[str, tarfile.TarInfo]]], scan: _TarScan, caption_ext: str
+) -> tuple[list[tuple[str, dict[str, tarfile.TarInfo]]], BadSample | None]:
+    """The runs to classify, and the item that reports a cut (None when the tar ends properly).
+
+    The cut is reported once: with the key of the sample it went through (a member partly present,
+    or the image or caption missing), else with key "" after the last sample, which is whole and kept
+    (only an optional member after it, a .json, can have been lost).
+    """
+    if scan.cut is None:
+        return runs, None
+    if runs:
+        key, parts = runs[-1]
+        partial = any(m.offset_data + m.size > scan.size for m in parts.values())
+        if partial or caption_ext not in parts or not any(e in parts for e in IMAGE_EXTS):
+            return runs[:-1], BadSample(key, TRUNCATED, scan.cut)
+    return runs, BadSample("", TRUNCATED, scan.cut)
+
+
+def _iter_tar(path: Path, image_field: str, caption_ext: str) -> Iterator[RawSample | BadSample]:
+    tf, scan = _open_tar(path)
+    runs = _group_runs(scan.members)
+    seen = Counter(key for key, _ in runs)  # a key with more than one run is "ungrouped"
+    runs, cut = _split_cut_run(runs, scan, caption_ext)
     prefer = [image_field] if image_field in IMAGE_EXTS else []
     reported: set[str] = set()
 
@@ -203,6 +277,8 @@ def _iter_tar(path: Path, image_field: str, caption_ext: str) -> Iterator[RawSam
                 read(parts.get(caption_ext)),
                 read(parts.get("json")),
             )
+        if cut is not None:
+            yield cut
 
 
 def _pick_column(names: list[str], wanted: str, candidates: tuple[str, ...]) -> str | None:
@@ -218,7 +294,11 @@ def _iter_parquet(path: Path, image_field: str, caption_field: str) -> Iterator[
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as err:
-        raise ShardError(path, f"not a readable parquet file ({err})") from None
+        # Schema and row-group offsets live only in the footer, so a file cut short holds nothing
+        # that can be located: say so rather than leave the user to decode pyarrow's wording.
+        raise ShardError(
+            path, f"not a readable parquet file: truncated (no footer) or not parquet at all ({err})"
+        ) from None
     names = pf.schema_arrow.names
     image_col = _pick_column(names, image_field, PARQUET_IMAGE_COLUMNS)
     caption_col = _pick_column(names, caption_field, PARQUET_CAPTION_COLUMNS)

@@ -9,7 +9,8 @@ temporary name and renamed when complete: a crashed writer leaves no half shard 
 The reader (`iter_shard`) accepts foreign img2dataset output as it is: `.jpg/.jpeg/.png/.webp` images,
 an optional `{key}.json` member, keys with path-like prefixes. It yields `RawSample` for good samples
 and `BadSample(key, reason)` for structural problems; it does not decode images (validate does). A
-shard it cannot read at all raises `ShardError(path, reason)`.
+shard it cannot read at all raises `ShardError(path, reason)`; a truncated tar yields its intact
+samples, then `BadSample(key, TRUNCATED, detail)` (see `scalelab.data.shard_reader`).
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ from scalelab.data.shard_reader import (
     PARQUET_CAPTION_COLUMNS,
     PARQUET_IMAGE_COLUMNS,
     SHARD_SUFFIX,
+    TRUNCATED,
     BadSample,
     RawSample,
     ShardError,
     iter_shard,
     shard_format,
     split_member_name,
+    tar_member_names,
 )
 
 __all__ = [
@@ -42,6 +45,7 @@ __all__ = [
     "IMAGE_EXTS",
     "PARQUET_CAPTION_COLUMNS",
     "PARQUET_IMAGE_COLUMNS",
+    "TRUNCATED",
     "BadSample",
     "RawSample",
     "ShardError",
@@ -51,6 +55,7 @@ __all__ = [
     "iter_shard",
     "shard_format",
     "split_member_name",
+    "tar_member_names",
 ]
 
 _PIL_FORMAT = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}

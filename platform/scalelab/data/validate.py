@@ -2,14 +2,15 @@
 
 `validate_dataset` reads every shard (listed by manifest.json, or found by globbing when there is
 none), decodes every image with Pillow, and counts good samples and each kind of problem, per shard
-and in total. `index_dataset` does the same scan over shards written elsewhere (img2dataset output,
-say) and writes the manifest that the pipeline needs, with the good-sample counts and hashes.
+and in total. A truncated tar counts its intact samples as good (the pipeline trains on them) and is
+marked truncated; like an unreadable shard it makes the report not ok, since the file is damaged.
+`index_dataset` does the same scan over shards written elsewhere (img2dataset output, say) and writes
+the manifest that the pipeline needs, with the good-sample counts and hashes.
 """
 
 from __future__ import annotations
 
 import io
-import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +23,13 @@ from scalelab.data.shards import (
     IMAGE_EXTS,
     PARQUET_CAPTION_COLUMNS,
     PARQUET_IMAGE_COLUMNS,
+    TRUNCATED,
     BadSample,
     ShardError,
     finish_dataset,
     iter_shard,
     split_member_name,
+    tar_member_names,
 )
 
 __all__ = ["ShardReport", "ValidationReport", "find_shards", "index_dataset", "validate_dataset"]
@@ -37,14 +40,22 @@ _EXAMPLES = 5  # bad keys kept per reason and shard, to point at without floodin
 
 @dataclass
 class ShardReport:
-    """What one shard holds: good samples, problem counts (with a few example keys), or its error."""
+    """What one shard holds: good samples, problem counts (with a few example keys), its error when
+    unreadable, or where it stops when truncated (its good samples are those before the cut)."""
 
     path: str
     good: int = 0
     problems: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
     error: str | None = None
+    truncated: str | None = None
     image_exts: set[str] = field(default_factory=set)
+
+    @property
+    def status(self) -> str:
+        if self.error is not None:
+            return f"unreadable: {self.error}"
+        return f"truncated: {self.truncated}" if self.truncated is not None else ""
 
     def add_bad(self, key: str, reason: str) -> None:
         self.problems[reason] = self.problems.get(reason, 0) + 1
@@ -56,7 +67,7 @@ class ShardReport:
 @dataclass
 class ValidationReport:
     """Totals over a dataset directory plus the per-shard breakdown. `ok` is False when a shard (or
-    the manifest) could not be read; bad samples alone are counted, not fatal."""
+    the manifest) could not be read or a shard is truncated; bad samples alone are counted, not fatal."""
 
     directory: str
     format: str
@@ -87,8 +98,12 @@ class ValidationReport:
         return [(s.path, s.error) for s in self.shards if s.error is not None]
 
     @property
+    def truncated(self) -> list[tuple[str, str]]:
+        return [(s.path, s.truncated) for s in self.shards if s.truncated is not None]
+
+    @property
     def ok(self) -> bool:
-        return self.manifest_error is None and not self.unreadable
+        return self.manifest_error is None and not self.unreadable and not self.truncated
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -99,6 +114,7 @@ class ValidationReport:
             "bad": self.bad,
             "problems": self.problems,
             "unreadable": [{"path": p, "error": e} for p, e in self.unreadable],
+            "truncated": [{"path": p, "detail": d} for p, d in self.truncated],
             "manifest_error": self.manifest_error,
             "mismatches": self.mismatches,
             "shards": [
@@ -108,6 +124,7 @@ class ValidationReport:
                     "problems": s.problems,
                     "examples": s.examples,
                     "error": s.error,
+                    "truncated": s.truncated,
                 }
                 for s in self.shards
             ],
@@ -116,17 +133,18 @@ class ValidationReport:
     def table(self) -> str:
         """Human-readable summary: one row per shard, then totals, unreadable shards, mismatches."""
         reasons = sorted({r for s in self.shards for r in s.problems})
-        head = ["shard", "good", *reasons, "error"]
+        head = ["shard", "good", *reasons, "status"]
         rows = [
-            [s.path, str(s.good), *(str(s.problems.get(r, 0)) for r in reasons), s.error or ""]
+            [s.path, str(s.good), *(str(s.problems.get(r, 0)) for r in reasons), s.status]
             for s in self.shards
         ]
+        damaged = {"truncated": len(self.truncated), "unreadable": len(self.unreadable)}
         rows.append(
             [
                 "TOTAL",
                 str(self.good),
                 *(str(self.problems.get(r, 0)) for r in reasons),
-                f"{len(self.unreadable)} unreadable" if self.unreadable else "",
+                ", ".join(f"{n} {what}" for what, n in damaged.items() if n),
             ]
         )
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
@@ -135,8 +153,20 @@ class ValidationReport:
         if self.manifest_error:
             lines.append(f"manifest: {self.manifest_error}")
         lines += [f"mismatch: {m}" for m in self.mismatches]
-        lines.append("OK" if self.ok else "NOT OK: unreadable shards or manifest")
+        lines.append(self._verdict())
         return "\n".join(lines)
+
+    def _verdict(self) -> str:
+        if self.ok:
+            return "OK"
+        why = [f"{len(self.unreadable)} unreadable shard(s)"] if self.unreadable else []
+        if self.truncated:
+            # Say what training does with it: NOT OK here must not read as "the run cannot use this".
+            why.append(f"{len(self.truncated)} truncated shard(s) (the samples before each cut are "
+                       "counted as good and used in training; re-fetch the shard to get the rest)")
+        if self.manifest_error:
+            why.append("invalid manifest")
+        return "NOT OK: " + "; ".join(why)
 
 
 def find_shards(directory: str | Path) -> tuple[Format, list[Path]]:
@@ -166,9 +196,8 @@ def _decodes(image: bytes) -> bool:
 
 
 def _tar_image_exts(path: Path) -> set[str]:
-    """Image extensions used by a tar's members (headers only; the shard was already read)."""
-    with tarfile.open(path, "r:") as tf:
-        return {e for e in (split_member_name(n)[1] for n in tf.getnames()) if e in IMAGE_EXTS}
+    """Image extensions used by a tar's members (headers only, up to a cut; the shard was already read)."""
+    return {e for e in (split_member_name(n)[1] for n in tar_member_names(path)) if e in IMAGE_EXTS}
 
 
 def scan_shard(
@@ -188,6 +217,8 @@ def scan_shard(
         for sample in iter_shard(path, fmt=fmt, image_field=image_field, caption_field=caption_field):
             if isinstance(sample, BadSample):
                 report.add_bad(sample.key, sample.reason)
+                if sample.reason == TRUNCATED:
+                    report.truncated = sample.detail or "truncated"
             elif decode and not _decodes(sample.image):
                 report.add_bad(sample.key, "undecodable_image")
             else:
@@ -227,6 +258,9 @@ def _compare(manifest: Manifest, root: Path, reports: list[ShardReport]) -> list
     for info, rep in zip(manifest.shards, reports):
         if rep.error is not None:
             continue
+        if rep.truncated is not None:  # the hash differs, of course; the count says what the cut lost
+            out.append(f"{info.path}: manifest says {info.samples} samples, {rep.good} intact before the cut")
+            continue
         if rep.good != info.samples:
             out.append(f"{info.path}: manifest says {info.samples} samples, {rep.good} are good")
         if sha256_file(root / info.path) != info.sha256:
@@ -239,16 +273,22 @@ def index_dataset(
 ) -> Manifest:
     """Write manifest.json for shards written elsewhere: good samples per shard, hashes, format, fields.
 
-    An unreadable shard raises ShardError unless `skip_unreadable` (then it is left out and named in
-    `extra["index"]["skipped"]`). The `extra` of an existing valid manifest is kept.
+    An unreadable or truncated shard raises ShardError unless `skip_unreadable` (then it is left out
+    and named in `extra["index"]["skipped"]`). A truncated one is refused too although the pipeline
+    could read its intact part: a manifest records a shard as complete, and a damaged download is
+    better fetched again than frozen into one. The `extra` of an existing valid manifest is kept.
     """
     root = Path(directory)
     fmt, paths = find_shards(root)
     reports = [scan_shard(p, fmt=fmt, decode=decode) for p in paths]
-    skipped = [r for r in reports if r.error is not None]
+    skipped = [r for r in reports if r.status]
     if skipped and not skip_unreadable:
-        raise ShardError(root / skipped[0].path, skipped[0].error or "unreadable")
-    kept = [(p, r) for p, r in zip(paths, reports) if r.error is None]
+        first = skipped[0]
+        if first.error is not None:
+            raise ShardError(root / first.path, first.error)
+        raise ShardError(root / first.path, f"truncated ({first.truncated}; {first.good} intact samples "
+                         "before the cut): fetch it again, or leave it out with --skip-unreadable")
+    kept = [(p, r) for p, r in zip(paths, reports) if not r.status]
     if not kept:
         raise ShardError(root, "no readable shard to index")
     shards = [
@@ -257,7 +297,7 @@ def index_dataset(
     image_field, caption_field = _detect_fields(fmt, [p for p, _ in kept], [r for _, r in kept])
     extra = _previous_extra(root)
     problems: Counter[str] = Counter()
-    for r in reports:
+    for _, r in kept:  # a shard left out is named in "skipped"; its samples are not in the dataset at all
         problems.update(r.problems)
     extra["index"] = {"problems": dict(sorted(problems.items())), "skipped": [r.path for r in skipped]}
     return finish_dataset(root, shards, fmt=fmt, source=source, image_field=image_field,

@@ -32,7 +32,7 @@ from scalelab.data.prompts import (
     resolve_classnames,
     templates_file,
 )
-from scalelab.data.shards import BadSample, ShardError, iter_shard
+from scalelab.data.shards import TRUNCATED, BadSample, ShardError, iter_shard
 from scalelab.data.transforms import CLIP_MEAN, CLIP_STD, preprocess_eval
 
 __all__ = [
@@ -125,6 +125,9 @@ def load_pairs(dataset_dir: str | Path, image_size: int) -> tuple[torch.Tensor, 
         except ShardError as err:
             raise ValueError(f"retrieval dataset {dataset_dir}: unreadable shard ({err})") from err
         for sample in samples:
+            if isinstance(sample, BadSample) and sample.reason == TRUNCATED:  # part of the set is gone
+                raise ValueError(f"retrieval dataset {dataset_dir}: truncated shard {path} ({sample.detail})"
+                                 "; re-fetch it: recall over part of the set is not comparable")
             if isinstance(sample, BadSample):
                 skipped[sample.reason] = skipped.get(sample.reason, 0) + 1
                 continue

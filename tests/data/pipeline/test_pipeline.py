@@ -211,7 +211,7 @@ def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
 
 @pytest.fixture(scope="module")
 def bad_dataset(tmp_path_factory):
-    """00000: 10 good; 00001: 6 good + every kind of bad sample; 00002: truncated (10 samples)."""
+    """00000: 10 good; 00001: 6 good + every kind of bad sample; 00002: unreadable (10 samples)."""
     out = tmp_path_factory.mktemp("bad")
     with ShardWriter(out, samples_per_shard=10, source="bad") as w:
         for i in range(10):
@@ -226,7 +226,7 @@ def bad_dataset(tmp_path_factory):
     members += [("x4.json", b"{}")]  # orphan member: neither image nor caption
     (out / "00001.tar").write_bytes(_tar_bytes(members))
     whole = _tar_bytes([m for i in range(10) for m in ((f"t{i}.png", _png(i)), (f"t{i}.txt", b"cap"))])
-    (out / "00002.tar").write_bytes(whole[: len(whole) // 2])  # truncated
+    (out / "00002.tar").write_bytes(whole[:300])  # cut inside its first header: unreadable, nothing salvaged
     for name, n in (("00001.tar", 10), ("00002.tar", 10)):
         path = out / name
         infos.append(ShardInfo(path=name, samples=n, bytes=path.stat().st_size, sha256=sha256_file(path)))
