@@ -6,6 +6,7 @@ built from the concatenated embeddings, and backward is called once. With micro 
 full-batch step. The cached step must reproduce every parameter's gradient, temperature included.
 """
 
+import math
 import warnings
 
 import pytest
@@ -225,6 +226,53 @@ def test_non_finite_embeddings_accumulate_nothing(primed):
     with pytest.raises(NonFiniteError, match=expected):
         cached_step(model, images, tokens, micro_batch_size=2)
     _assert_unchanged(model, before)
+
+
+def test_skip_mode_makes_no_backward_call_and_reports_the_loss(primed):
+    model, before = primed
+    images, tokens = _batch(model, 6)
+    torch.manual_seed(7)
+    cached_step(model, images, tokens, micro_batch_size=2)  # a good step, for its RNG use only
+    rng_of_a_good_step = torch.get_rng_state()
+    model.zero_grad(set_to_none=True)
+    for name, grad in before.items():  # back to the primed gradients
+        model.get_parameter(name).grad = None if grad is None else grad.clone()
+    images[4, 0, 0, 0] = float("nan")
+    calls = []
+    torch.manual_seed(7)
+    result = cached_step(model, images, tokens, micro_batch_size=2, backward=calls.append,
+                         on_nonfinite="skip")
+    assert result.skipped and calls == [] and result.backward_calls == 0
+    assert result.nonfinite.startswith("non-finite image embeddings in 1 of 6 samples (first rows: [4])")
+    assert math.isnan(result.loss) and result.image_accuracy is None
+    assert result.logit_scale == pytest.approx(model.logit_scale.item())
+    assert set(result.timings) == {"cache_forward_s", "loss_s", "replay_backward_s"}
+    _assert_unchanged(model, before)
+    # the cached forward ran and drew its dropout noise; the RNG moves on as after a good step
+    assert torch.equal(torch.get_rng_state(), rng_of_a_good_step)
+
+
+@pytest.mark.parametrize("mode", ["raise", "skip"])
+def test_non_finite_loss_from_finite_embeddings(mode):
+    torch.manual_seed(4)
+    model = create_model("micro").double().train()
+    with torch.no_grad():
+        model.logit_scale.fill_(1e4)  # exp overflows: the embeddings are fine, the loss is not
+    images, tokens = _batch(model, 6)
+    if mode == "raise":
+        with pytest.raises(NonFiniteError, match="the contrastive loss is (nan|inf)"):
+            cached_step(model, images, tokens, micro_batch_size=3)
+    else:
+        result = cached_step(model, images, tokens, micro_batch_size=3, on_nonfinite="skip")
+        assert result.skipped and result.nonfinite.startswith("the contrastive loss is")
+        assert not math.isfinite(result.loss) and result.image_emb_norm == pytest.approx(1.0)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_on_nonfinite_must_be_known(micro_model):
+    images, tokens = _batch(micro_model, 4)
+    with pytest.raises(ValueError, match="on_nonfinite must be one of raise, skip"):
+        cached_step(micro_model, images, tokens, micro_batch_size=2, on_nonfinite="ignore")
 
 
 def test_sigmoid_needs_a_bias(micro_model):

@@ -1,12 +1,14 @@
 """Two data-parallel ranks (torch.distributed, gloo): the cached step over the gathered global batch,
 followed by data-parallel gradient averaging, gives the single-process full-batch gradient."""
 
+import math
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from scalelab.gradcache import cached_step
+from scalelab.gradcache import NonFiniteError, cached_step
 from scalelab.models import create_model
 
 WORLD = 2
@@ -55,6 +57,41 @@ def test_two_ranks_match_single_process(tmp_path):
         for name, param in model.named_parameters():
             err = (got["grads"][name] - param.grad).norm() / param.grad.norm()
             assert err <= 1e-10, f"rank {rank} {name}: relative error {err:.3g}"
+
+
+def _nan_on_one_rank_worker(rank, init_file, out_dir):
+    """Rank 1's rows hold a NaN, rank 0's are clean: both ranks must raise (or skip) together."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        model, images, tokens = _setup()
+        images[BATCH - 1, 0, 0, 0] = float("nan")  # the last row: rank 1's
+        rows = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+        try:
+            cached_step(model, images[rows], tokens[rows], micro_batch_size=4, distributed=True)
+            raised = None
+        except NonFiniteError as error:
+            raised = str(error)
+        skip = cached_step(model, images[rows], tokens[rows], micro_batch_size=4, distributed=True,
+                           on_nonfinite="skip")
+        dist.barrier()  # both ranks are still in step with each other
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        torch.save({"raised": raised, "skipped": skip.skipped, "loss": skip.loss, "grads": len(grads)},
+                   f"{out_dir}/nan{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # before the fix, rank 1 raised alone and rank 0 waited in all_gather forever
+def test_a_nan_on_one_rank_stops_every_rank(tmp_path):
+    mp.start_processes(_nan_on_one_rank_worker, args=(str(tmp_path / "init"), str(tmp_path)),
+                       nprocs=WORLD, start_method="spawn", join=True)
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"nan{rank}.pt")
+        assert got["raised"].startswith("non-finite image embeddings in 1 of 12 samples of the global "
+                                        "batch (first rows: [11])"), got["raised"]
+        assert got["skipped"] and math.isnan(got["loss"]) and got["grads"] == 0
 
 
 def test_distributed_needs_a_process_group():

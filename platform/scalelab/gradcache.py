@@ -25,6 +25,7 @@ per-sample GroupNorm (`image.norm: group`) to make the step exact in the plain s
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -47,12 +48,20 @@ __all__ = [
 Backward = Callable[[Tensor], None]
 Encode = Callable[[Tensor], Tensor]
 LOSSES = ("softmax", "sigmoid")
+ON_NONFINITE = ("raise", "skip")
 # A replayed forward must reproduce the cached one; beyond these gaps something is non-deterministic.
 _REPLAY_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
 
 
 class NonFiniteError(FloatingPointError):
-    """Embeddings or the loss were NaN/inf; raised before any gradient is accumulated."""
+    """Embeddings or the loss were NaN/inf; raised before any gradient is accumulated.
+
+    `loss` and `logit_scale` are the values the step computed (the loss may be NaN).
+    """
+
+    def __init__(self, message: str, *, loss: float = math.nan, logit_scale: float = math.nan) -> None:
+        super().__init__(message)
+        self.loss, self.logit_scale = loss, logit_scale
 
 
 class BatchNormCacheWarning(UserWarning):
@@ -80,6 +89,8 @@ class CachedStepResult:
     text_micro_batches: int
     backward_calls: int
     timings: dict[str, float] = field(default_factory=dict)
+    skipped: bool = False  # on_nonfinite="skip" and a NaN/inf was found: no backward call was made
+    nonfinite: str | None = None  # what was NaN/inf, when skipped
 
 
 def micro_batch_slices(batch: int, micro: int) -> list[slice]:
@@ -101,6 +112,7 @@ def cached_step(
     backward: Backward | None = None,
     distributed: bool = False,
     compute_accuracy: bool = True,
+    on_nonfinite: str = "raise",
 ) -> CachedStepResult:
     """One gradient-cache step: accumulate the full-batch gradient into every parameter's `.grad`.
 
@@ -111,7 +123,15 @@ def cached_step(
     (torch.distributed initialised) the loss sees every
     rank's embeddings and each rank backpropagates only its own rows; gradients are scaled so that
     data-parallel *averaging* over ranks yields the exact global-batch gradient.
+
+    Non-finite embeddings or loss raise `NonFiniteError` before anything is accumulated; with
+    `on_nonfinite="skip"` the step instead returns a result with `skipped=True` (loss as computed,
+    perhaps NaN) without calling `backward`. Finiteness is judged on the *gathered* batch and agreed
+    by an all-reduce, so every rank raises or skips together: a rank stopping alone would leave the
+    others waiting in the next collective.
     """
+    if on_nonfinite not in ON_NONFINITE:
+        raise ValueError(f"on_nonfinite must be one of {', '.join(ON_NONFINITE)}, got {on_nonfinite!r}")
     text_micro = text_micro_batch_size or micro_batch_size
     img_slices, txt_slices = _check_inputs(model, images, tokens, micro_batch_size, text_micro, loss)
     _warn_batchnorm(model)
@@ -123,12 +143,16 @@ def cached_step(
         image = _encode_no_grad(model.encode_image, images, img_slices)
         text = _encode_no_grad(model.encode_text, tokens, txt_slices)
     after_cache_rng = _capture_rng(images.device)
-    _check_finite("image embeddings", image.emb)
-    _check_finite("text embeddings", text.emb)
     timings["cache_forward_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    grads = _loss_and_grads(model, image.emb, text.emb, loss, block_size, distributed)
+    try:
+        grads = _loss_and_grads(model, image.emb, text.emb, loss, block_size, distributed)
+    except NonFiniteError as error:
+        if on_nonfinite == "raise":
+            raise
+        timings.update(loss_s=time.perf_counter() - t0, replay_backward_s=0.0)
+        return _skipped_result(error, image, text, timings)
     image.grad, text.grad = grads.img, grads.txt
     timings["loss_s"] = time.perf_counter() - t0
 
@@ -182,14 +206,26 @@ def _check_inputs(
     return micro_batch_slices(batch, micro), micro_batch_slices(batch, text_micro)
 
 
-def _check_finite(what: str, emb: Tensor) -> None:
-    bad = ~torch.isfinite(emb).all(dim=-1)
-    if bad.any():
-        rows = bad.nonzero().flatten()[:5].tolist()
-        raise NonFiniteError(
-            f"non-finite {what} in {int(bad.sum())} of {emb.shape[0]} samples (first rows: {rows}); "
-            "no gradient was accumulated"
-        )
+def _nonfinite(img_all: Tensor, txt_all: Tensor, value: Tensor, world: int) -> str | None:
+    """What in the (gathered) step is NaN/inf, or None."""
+    for what, emb in (("image embeddings", img_all), ("text embeddings", txt_all)):
+        if torch.isfinite(emb.sum()):  # no B x D mask of the gathered batch unless something is off
+            continue
+        bad = ~torch.isfinite(emb).all(dim=-1)
+        if bad.any():
+            rows = bad.nonzero().flatten()[:5].tolist()
+            where = " of the global batch" if world > 1 else ""
+            return (f"non-finite {what} in {int(bad.sum())} of {emb.shape[0]} samples{where} "
+                    f"(first rows: {rows})")
+    return None if torch.isfinite(value).all() else f"the contrastive loss is {value.item()}"
+
+
+def _any_rank(flag: bool, device: torch.device, world: int) -> bool:
+    if world == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _warn_batchnorm(model: nn.Module) -> None:
@@ -333,8 +369,13 @@ def _loss_and_grads(
             bias_leaf = logit_bias.detach().clone().requires_grad_(True)
             leaves.append(bias_leaf)
             value = sigmoid_loss(img_leaf, txt_leaf, scale_leaf.exp(), bias_leaf, block_size=block_size)
-        if not torch.isfinite(value):
-            raise NonFiniteError(f"the contrastive loss is {value.item()}; no gradient was accumulated")
+        # Checked after the gather: a NaN in one rank's rows then reaches every rank's loss, and the
+        # all-reduce makes the decision common even if some rank's check differed.
+        problem = _nonfinite(img_all, txt_all, value, world)
+        if _any_rank(problem is not None, value.device, world):
+            problem = problem or "another rank's step was non-finite"
+            raise NonFiniteError(f"{problem}; no gradient was accumulated", loss=value.item(),
+                                 logit_scale=logit_scale.item())
         found = torch.autograd.grad(value, leaves)
     return _CachedGrads(
         loss=value.item(),
@@ -345,6 +386,19 @@ def _loss_and_grads(
         bias=found[3] if len(found) > 3 else None,
         img_all=img_all,
         txt_all=txt_all,
+    )
+
+
+def _skipped_result(error: NonFiniteError, image: _TowerCache, text: _TowerCache,
+                    timings: dict[str, float]) -> CachedStepResult:
+    nan = math.nan  # nothing was backpropagated or replayed: those measures do not exist
+    return CachedStepResult(
+        loss=error.loss, logit_scale=error.logit_scale, image_accuracy=None, text_accuracy=None,
+        image_emb_norm=image.emb.norm(dim=-1).mean().item(),
+        text_emb_norm=text.emb.norm(dim=-1).mean().item(),
+        image_grad_norm=nan, text_grad_norm=nan, replay_max_abs_diff=nan,
+        image_micro_batches=len(image.slices), text_micro_batches=len(text.slices), backward_calls=0,
+        timings=timings, skipped=True, nonfinite=str(error),
     )
 
 

@@ -58,3 +58,28 @@ def test_eval_error_fails_once_then_the_fixed_run_resumes(smoke_world, smoke_con
     assert result.final_metrics["eval/zeroshot/test/top1"] >= 0.0
     again = client.get_run(run.info.run_id)
     assert again.info.status == "FINISHED" and result.mlflow_run_id == run.info.run_id
+
+
+@pytest.mark.slow
+def test_non_finite_steps_are_skipped_then_the_run_stops_once(smoke_config, tmp_path, local_ray):
+    # lr 1e30 blows the weights up after the first update: every later loss is NaN/inf.
+    cfg = smoke_config(tmp_path / "runs", {
+        "name": "nan", "optim": {"lr": 1.0e30, "warmup_steps": 0}, "train": {"steps": 8,
+                                                                             "max_skipped_steps": 2},
+        "eval": {"sets": {}, "shifted": [], "retrieval": None},
+        "run": {"checkpoint_every": 100, "log_every": 1, "max_failures": 2},
+    })
+    with pytest.raises(RunFailed, match="consecutive training step") as err:
+        launch(cfg, verbose=False)
+    failure = read_failure(tmp_path / "runs" / "nan")
+    assert failure.kind == "non_finite" and "train.max_skipped_steps=2" in str(err.value)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    (run,) = client.search_runs(client.get_experiment_by_name("scalelab").experiment_id)
+    skipped = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/skipped")}
+    total = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/skipped_steps")}
+    # Three skipped steps in a row end the run at the third (2 allowed); each logged step is there once.
+    last = failure.step
+    assert [skipped[s] for s in (last - 2, last - 1, last)] == [1.0, 1.0, 1.0]
+    assert total[last] == sum(skipped.values()) >= 3
+    assert run.info.status == "FAILED"
+    assert run.data.tags["scalelab.failure_kind"] == "non_finite"

@@ -59,6 +59,7 @@ class RunState:
     finished: bool = False
     config: dict[str, Any] = field(default_factory=dict)
     final_metrics: dict[str, float] = field(default_factory=dict)
+    nonfinite: dict[str, int] = field(default_factory=dict)  # NonFiniteGuard state: total, consecutive
     format: int = FORMAT
 
 

@@ -10,10 +10,16 @@ would JIT-build DeepSpeed's own fused ops, and the learning rate is set each ste
 (no DeepSpeed scheduler). `gradient_accumulation_steps` is the gradient cache's number of backward
 calls per rank per step (`batch_geometry(...).backward_calls`), so that DeepSpeed's accumulation
 boundary coincides with the last replayed micro-batch (`step.train_step`).
+
+`optimizer_step` replaces a bare `engine.step()`: a step whose global gradient norm is NaN/inf leaves
+parameters, fp32 master copies and optimizer state (Adam moments, step count) untouched on every rank
+and discards the step's gradients, so the next step starts clean (module docstring of `step`).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,7 +29,7 @@ from scalelab.config import ExperimentConfig
 from scalelab.train.ds_config import batch_geometry, deepspeed_config
 from scalelab.train.optim import build_optimizer
 
-__all__ = ["begin_micro_step", "build_engine", "zero_stage"]
+__all__ = ["StepOutcome", "begin_micro_step", "build_engine", "optimizer_step", "zero_stage"]
 
 
 def build_engine(model: nn.Module, cfg: ExperimentConfig, *, world_size: int) -> tuple[Any, Any]:
@@ -69,6 +75,43 @@ def begin_micro_step(engine: Any) -> None:
         clear()
 
 
+@dataclass(frozen=True)
+class StepOutcome:
+    """What `optimizer_step` did: whether the update was applied, and the global pre-clip grad norm."""
+
+    applied: bool
+    grad_norm: float | None  # None where DeepSpeed computed none; inf/NaN when the step was skipped
+
+
+def optimizer_step(engine: Any) -> StepOutcome:
+    """`engine.step()` after the accumulation boundary, unless the global gradient norm is NaN/inf.
+
+    Collective; every rank reaches the same decision. DeepSpeed's own optimizer wrappers (ZeRO-1/2/3,
+    and the bf16 optimizer at ZeRO-0) already compute the global norm inside `step()` and, when it is
+    invalid, skip the update and clear their partitioned gradient buffers themselves (their fp16
+    overflow path, taken for any dtype in 0.19.8); `engine.was_step_applied()` reports it. A torch
+    optimizer at ZeRO-0 fp32 is stepped unchecked, so there the norm is checked here, before
+    `step()`, and the gradients are dropped as DeepSpeed would drop them.
+    """
+    if not hasattr(engine.optimizer, "overflow"):  # the attribute DeepSpeed itself reads for skipping
+        # Gradients were already averaged over ranks in the boundary backward, so every rank sees the
+        # same norm; the all-reduce makes the decision common regardless.
+        norm = _grad_norm(engine.module)
+        if not _finite_on_every_rank(norm, engine.device):
+            _skip_zero0_step(engine)
+            return StepOutcome(applied=False, grad_norm=norm)
+        engine.step()
+        return StepOutcome(applied=True, grad_norm=norm)
+    engine.step()
+    norm = engine.get_global_grad_norm()
+    norm = None if norm is None else float(norm)
+    applied = bool(engine.was_step_applied())
+    if applied and norm is not None and not math.isfinite(norm):
+        raise RuntimeError(f"DeepSpeed applied an optimizer step with gradient norm {norm}; this "
+                           "DeepSpeed version does not skip non-finite steps (0.19.8 does)")
+    return StepOutcome(applied=applied, grad_norm=norm)
+
+
 def zero_stage(engine: Any) -> int:
     """The ZeRO stage the engine actually runs (0 when ZeRO is off)."""
     return int(engine.zero_optimization_stage()) if engine.zero_optimization() else 0
@@ -93,6 +136,30 @@ def _scalars_to_vectors(model: nn.Module) -> list[str]:
                 param.data = param.data.reshape(1)
                 names.append(name)
     return names
+
+
+def _grad_norm(model: nn.Module) -> float:
+    grads = [p.grad.detach().flatten() for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.cat(grads))) if grads else 0.0
+
+
+def _finite_on_every_rank(value: float, device: torch.device) -> bool:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return math.isfinite(value)
+    flag = torch.tensor([0.0 if math.isfinite(value) else 1.0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return not flag.item()
+
+
+def _skip_zero0_step(engine: Any) -> None:
+    """Drop this step's gradients (at ZeRO-0 they live only in `param.grad`) and count the step as
+    `DeepSpeedEngine._take_model_step` counts one its own optimizers skipped, so the engine's counters
+    (saved in checkpoints) read the same at every stage. The torch optimizer is not touched."""
+    engine.zero_grad()
+    engine.skipped_steps += 1
+    engine.global_steps += 1
+    engine.global_samples += engine.train_batch_size()
+    engine.micro_steps += 1
 
 
 def _on_cpu() -> bool:

@@ -49,7 +49,7 @@ from scalelab.train.compute import training_macs
 from scalelab.train.ds_config import batch_geometry
 from scalelab.train.engine import build_engine, zero_stage
 from scalelab.train.failures import Failure, RunStopped, write_failure
-from scalelab.train.step import train_step
+from scalelab.train.step import NonFiniteGuard, NonFiniteRunError, train_step
 
 __all__ = ["FAIL_AT_STEP_ENV", "FAIL_MARKER_ENV", "FAIL_RANK_ENV", "train_worker"]
 
@@ -111,21 +111,28 @@ def _train(cfg: ExperimentConfig, engine: Any, run: RunState, mine: RankState, r
     evaluator = _Evaluator(cfg) if rank == 0 and (cfg.eval.sets or cfg.eval.retrieval) else None
     every_ckpt, every_eval = cfg.run.checkpoint_every, cfg.eval.every_steps
     per_step = cfg.train.global_batch
+    guard = NonFiniteGuard(cfg.train.max_skipped_steps)
+    if run.nonfinite:
+        guard.load_state_dict(run.nonfinite)
     while run.step < cfg.train.steps:
         _maybe_fail(run.step, rank)
         batch = stream.next()
         metrics = train_step(engine, batch.images, batch.tokens, cfg, step=run.step)
-        run.step += 1
+        run.step += 1  # a skipped step advances too: its batch was consumed, a resume must not replay it
         run.samples_seen += per_step
         last = run.step == cfg.train.steps
+        stop = _observe(guard, metrics, run.step)
         metrics.update({"train/samples_seen": run.samples_seen, "train/epoch": stream.epoch,
                         "train/compute_macs": training_macs(config["macs_per_sample"], run.samples_seen),
-                        "train/peak_memory_mb": _peak_memory_mb()})
-        logged = run.step % cfg.run.log_every == 0 or last
+                        "train/peak_memory_mb": _peak_memory_mb(), **guard.metrics()})
+        logged = run.step % cfg.run.log_every == 0 or last or stop is not None
         if logged:
             metrics.update(stream.skipped_totals())
             if reporter:
                 reporter.log(metrics, run.step)
+        if stop is not None:  # the skip flags are agreed, so every rank stops at this step
+            raise RunStopped(str(stop), kind="non_finite")
+        run.nonfinite = guard.state_dict()
         evaluated = None
         if last or (every_eval and run.step % every_eval == 0):
             evaluated = _agreed(_evaluate(engine, evaluator, cfg))
@@ -138,6 +145,15 @@ def _train(cfg: ExperimentConfig, engine: Any, run: RunState, mine: RankState, r
             _report(run, metrics, evaluated, checkpoint=(engine, stream.state(), rank))
         elif logged:
             _report(run, metrics, evaluated)
+
+
+def _observe(guard: NonFiniteGuard, metrics: dict[str, Any], step: int) -> NonFiniteRunError | None:
+    """Count a skipped (non-finite) step; the error when too many came in a row, to raise after logging."""
+    try:
+        guard.observe(metrics["train/skipped"] == 1.0, step=step)
+    except NonFiniteRunError as err:
+        return err
+    return None
 
 
 def _agreed(evaluated: dict[str, float] | BaseException | None) -> dict[str, float] | None:

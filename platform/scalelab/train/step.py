@@ -20,23 +20,35 @@ single-process full-batch step in `tests/train/test_engine.py`):
   and overwrite the model parameter from it at the next step, so clamping only `engine.module` would
   be undone. Under ZeRO-3 the working parameter is partitioned (an empty tensor outside a forward),
   so it is clamped inside `deepspeed.zero.GatheredParameters(..., modifier_rank=0)`.
+
+Non-finite steps (NaN/inf loss or gradient norm) are skipped on every rank, with no parameter or
+optimizer-state update, and reported as `train/skipped` = 1.0:
+- `cached_step(on_nonfinite="skip")` judges the embeddings and the loss on the *gathered* global batch
+  and agrees by an all-reduce, so a NaN in one rank's rows makes every rank skip before any backward
+  call: the engine never sees the step (no gradient, no micro-step, no boundary).
+- A finite loss can still give a NaN/inf gradient: `engine.optimizer_step` then skips the update and
+  discards the step's gradients (DeepSpeed's ZeRO-1/2/3 optimizers do it themselves; ZeRO-0 is checked
+  there), so the next step is exactly what it would have been without the bad batch.
+`NonFiniteGuard` is the run's policy over those per-step flags: count them (`train/skipped_steps`) and
+stop with `NonFiniteRunError` after `train.max_skipped_steps` consecutive ones.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from scalelab.config import MAX_LOGIT_SCALE, ExperimentConfig
-from scalelab.gradcache import cached_step
+from scalelab.gradcache import CachedStepResult, cached_step
 from scalelab.train.ds_config import batch_geometry
-from scalelab.train.engine import begin_micro_step, zero_stage
+from scalelab.train.engine import StepOutcome, begin_micro_step, optimizer_step, zero_stage
 from scalelab.train.schedule import apply_lr, lr_for
 
-__all__ = ["clamp_temperature", "train_step"]
+__all__ = ["NonFiniteGuard", "NonFiniteRunError", "clamp_temperature", "train_step"]
 
 
 def train_step(
@@ -46,10 +58,11 @@ def train_step(
 
     `images`/`tokens` are this rank's `global_batch / world_size` rows; `step` is the number of
     optimizer steps already taken (it selects the lr). Keys: `train/loss` (global-batch loss, the same
-    on every rank), `train/lr`, `train/logit_scale` (the value the loss used, i.e. before this step's
-    update), `train/grad_norm` (global, before clipping), `train/image_accuracy`,
-    `train/text_accuracy`, `train/replay_max_abs_diff`, and `train/time/<phase>_s` for
-    cache_forward, loss, replay_backward, optimizer and total.
+    on every rank; NaN/inf as computed on a skipped step), `train/lr`, `train/logit_scale` (the value
+    the loss used, i.e. before this step's update), `train/grad_norm` (global, before clipping; None
+    when not computed), `train/skipped` (1.0 when the step was skipped as non-finite, else 0.0: no
+    update on any rank), `train/image_accuracy`, `train/text_accuracy`, `train/replay_max_abs_diff`,
+    and `train/time/<phase>_s` for cache_forward, loss, replay_backward, optimizer and total.
     """
     t_start = time.perf_counter()
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
@@ -62,18 +75,7 @@ def train_step(
     lr = lr_for(step, cfg.optim, cfg.train.steps)
     apply_lr(engine.optimizer, lr)
 
-    calls = geometry.backward_calls
-    done = 0
-
-    def backward(surrogate: Tensor) -> None:
-        nonlocal done
-        if done >= calls:
-            raise RuntimeError(f"cached_step made more than the {calls} backward calls the geometry gives")
-        begin_micro_step(engine)  # what engine.forward would do: ZeRO-3 accumulates, not overwrites
-        engine.set_gradient_accumulation_boundary(done == calls - 1)
-        engine.backward(surrogate, scale_wrt_gas=False)
-        done += 1
-
+    backward = _EngineBackward(engine, geometry.backward_calls)
     result = cached_step(
         engine.module,
         images,
@@ -84,38 +86,108 @@ def train_step(
         block_size=cfg.loss.block_size,
         backward=backward,
         distributed=world > 1,
+        on_nonfinite="skip",
     )
-    if done != calls:  # the boundary would never have been reached: refuse rather than skip the step
-        raise RuntimeError(f"cached_step made {done} backward calls; the DeepSpeed config expects {calls}")
-
     t0 = time.perf_counter()
-    # ZeRO-0 with a torch optimizer keeps no norm; its gradients are already averaged (the reduction
-    # runs in the boundary backward), so take the norm here, before step() clips and clears them.
-    own_norm = _grad_norm(engine.module) if zero_stage(engine) == 0 else None
-    engine.step()
-    clamp_temperature(engine)
+    outcome = StepOutcome(applied=False, grad_norm=None)
+    if not result.skipped:  # a skipped cached step made no backward call: nothing to step or clear
+        backward.check_complete()
+        outcome = optimizer_step(engine)
+        if outcome.applied:  # after a skipped update the temperature is as clamped as before
+            clamp_temperature(engine)
     t_opt = time.perf_counter() - t0
-    norm = engine.get_global_grad_norm()
-    norm = own_norm if norm is None else float(norm)
 
-    metrics = {
-        "train/loss": result.loss,
-        "train/lr": lr,
-        "train/logit_scale": result.logit_scale,
-        "train/grad_norm": norm,  # before clipping; None where DeepSpeed computed none
-        "train/image_accuracy": result.image_accuracy,
-        "train/text_accuracy": result.text_accuracy,
-        "train/replay_max_abs_diff": result.replay_max_abs_diff,
-    }
-    metrics.update({f"train/time/{name}": value for name, value in result.timings.items()})
+    metrics = _metrics(result, outcome, lr)
     metrics["train/time/optimizer_s"] = t_opt
     metrics["train/time/total_s"] = time.perf_counter() - t_start
     return metrics
 
 
-def _grad_norm(model: torch.nn.Module) -> float:
-    grads = [p.grad.detach().flatten() for p in model.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.cat(grads))) if grads else 0.0
+class _EngineBackward:
+    """The `backward(surrogate)` cached_step calls, driven through the engine (module docstring)."""
+
+    def __init__(self, engine: Any, calls: int) -> None:
+        self.engine, self.calls, self.done = engine, calls, 0
+
+    def __call__(self, surrogate: Tensor) -> None:
+        if self.done >= self.calls:
+            raise RuntimeError(
+                f"cached_step made more than the {self.calls} backward calls the geometry gives"
+            )
+        begin_micro_step(self.engine)  # what engine.forward would do: ZeRO-3 accumulates, not overwrites
+        self.engine.set_gradient_accumulation_boundary(self.done == self.calls - 1)
+        self.engine.backward(surrogate, scale_wrt_gas=False)
+        self.done += 1
+
+    def check_complete(self) -> None:
+        if self.done != self.calls:  # the boundary was never reached: refuse rather than skip the step
+            raise RuntimeError(
+                f"cached_step made {self.done} backward calls; the DeepSpeed config expects {self.calls}"
+            )
+
+
+def _metrics(result: CachedStepResult, outcome: StepOutcome, lr: float) -> dict[str, float | None]:
+    skipped = result.skipped or not outcome.applied
+    metrics = {
+        "train/loss": result.loss,
+        "train/lr": lr,
+        "train/logit_scale": result.logit_scale,
+        "train/grad_norm": outcome.grad_norm,
+        "train/skipped": 1.0 if skipped else 0.0,
+        "train/image_accuracy": result.image_accuracy,
+        "train/text_accuracy": result.text_accuracy,
+        # no replay ran on a step skipped before backward
+        "train/replay_max_abs_diff": None if result.skipped else result.replay_max_abs_diff,
+    }
+    metrics.update({f"train/time/{name}": value for name, value in result.timings.items()})
+    return metrics
+
+
+class NonFiniteRunError(RuntimeError):
+    """Too many consecutive training steps were non-finite (NaN/inf) and skipped: the run stops."""
+
+
+class NonFiniteGuard:
+    """The run's policy for non-finite steps: count every skipped step, stop after too many in a row.
+
+    `max_consecutive` (`train.max_skipped_steps`) consecutive skipped steps are tolerated; the next one
+    raises `NonFiniteRunError` (0: the first one raises). A step that trains resets the run. Every rank
+    keeps one and observes the same flags (the skip is agreed), so every rank raises at the same step.
+    `state_dict()` is two ints for a checkpoint; `load_state_dict` restores them on resume.
+    """
+
+    def __init__(self, max_consecutive: int) -> None:
+        if isinstance(max_consecutive, bool) or not isinstance(max_consecutive, int) or max_consecutive < 0:
+            raise ValueError(f"max_consecutive must be an integer >= 0, got {max_consecutive!r}")
+        self.max_consecutive = max_consecutive
+        self.total = 0  # skipped steps over the whole run: the metric train/skipped_steps
+        self.consecutive = 0  # skipped steps since the last step that trained
+
+    def observe(self, skipped: bool, *, step: int) -> None:
+        """Record one step (`step`: its number as logged, e.g. the MLflow step of its metrics)."""
+        if not skipped:
+            self.consecutive = 0
+            return
+        self.total += 1
+        self.consecutive += 1
+        if self.consecutive > self.max_consecutive:
+            raise NonFiniteRunError(
+                f"{self.consecutive} consecutive training step(s), ending at step {step}, had a NaN/inf "
+                f"loss or gradient norm and were skipped ({self.total} skipped in this run); "
+                f"train.max_skipped_steps={self.max_consecutive} allows at most {self.max_consecutive} "
+                "in a row. Raise train.max_skipped_steps (the same command then resumes), check the data "
+                "for corrupt samples (scalelab data validate), or train with a lower optim.lr or a longer "
+                "optim.warmup_steps under a new run name."
+            )
+
+    def metrics(self) -> dict[str, int]:
+        return {"train/skipped_steps": self.total}
+
+    def state_dict(self) -> dict[str, int]:
+        return {"total": self.total, "consecutive": self.consecutive}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.total, self.consecutive = int(state["total"]), int(state["consecutive"])
 
 
 def clamp_temperature(engine: Any) -> None:
