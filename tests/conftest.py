@@ -70,6 +70,28 @@ def local_ray():
         shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def ray_cluster(request):
+    """A 2-CPU local Ray for a module that runs its own functions in Ray Train workers: the module is
+    pickled by value (workers cannot import test modules: pytest puts tests/ on the driver's path only)."""
+    import sys
+
+    import ray
+    from ray import cloudpickle
+
+    module = sys.modules[request.module.__name__]
+    cloudpickle.register_pickle_by_value(module)
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths are length-limited
+    ray.init(num_cpus=2, object_store_memory=300_000_000, include_dashboard=False, _temp_dir=temp_dir,
+             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        cloudpickle.unregister_pickle_by_value(module)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def kill_session():
     """`kill_session(pid)`: SIGKILL every process of the session `pid` leads (a command started with

@@ -20,9 +20,6 @@ is ~1e-8 here; a wrong gradient scale, boundary or clamp gives differences of or
 from __future__ import annotations
 
 import math
-import shutil
-import sys
-import tempfile
 
 import pytest
 import torch
@@ -116,24 +113,6 @@ def _reference(cfg: ExperimentConfig) -> tuple[dict[str, torch.Tensor], list[flo
         model.clamp_()
         losses.append(loss.item())
     return {n: p.detach().clone() for n, p in model.named_parameters()}, losses, norms
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-    from ray import cloudpickle
-
-    # Workers cannot import this test module (pytest puts tests/ on the driver's sys.path only).
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths are length-limited
-    ray.init(num_cpus=2, object_store_memory=300_000_000, include_dashboard=False, _temp_dir=temp_dir,
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}})
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 STAGES = (2, 0, 1, 3)

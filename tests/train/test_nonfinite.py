@@ -20,9 +20,6 @@ from __future__ import annotations
 import copy
 import math
 import random
-import shutil
-import sys
-import tempfile
 
 import pytest
 import torch
@@ -189,24 +186,6 @@ def _run_stage(cfg: ExperimentConfig, out: str) -> None:
     step(reference, "c", "c", 1, into="reference_metrics")
     record["reference"] = _snapshot(reference)
     torch.save(record, f"{out}.rank{rank}")
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-    from ray import cloudpickle
-
-    # Workers cannot import this test module (pytest puts tests/ on the driver's sys.path only).
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths are length-limited
-    ray.init(num_cpus=2, object_store_memory=300_000_000, include_dashboard=False, _temp_dir=temp_dir,
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}})
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
