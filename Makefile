@@ -10,9 +10,11 @@ export DS_ACCELERATOR := cpu
 
 .PHONY: venv sysdeps test demo lint bench clean
 
-# Debian packages the tests use: Fashion-MNIST (real labelled images for the labels->text tests) and
+# Debian packages the tests use: Fashion-MNIST (real labelled images for the labels->text tests), the
+# Tango icon theme (real image-text pairs for the bring-your-own-data test, tests/test_own_data.py) and
 # Chromium (the headless-browser test of the MLflow UI).
-SYSTEM_PACKAGES := dataset-fashion-mnist
+SYSTEM_PACKAGES := dataset-fashion-mnist tango-icon-theme
+SYSTEM_PATHS    := /usr/share/datasets/fashion-mnist /usr/share/icons/Tango/32x32
 BROWSER_PACKAGE := chromium
 
 $(STAMP): pyproject.toml constraints.txt
@@ -29,11 +31,12 @@ lint: $(STAMP)
 
 # Installed with apt when running as root (CI, containers); otherwise say what to install.
 sysdeps:
-	@if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
+	@missing=""; for d in $(SYSTEM_PATHS); do [ -d "$$d" ] || missing=1; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); \
 	  else \
-	    echo "note: the Fashion-MNIST tests need Debian's $(SYSTEM_PACKAGES) (apt-get install $(SYSTEM_PACKAGES))"; \
+	    echo "note: the Fashion-MNIST and own-data tests need Debian's $(SYSTEM_PACKAGES) (apt-get install $(SYSTEM_PACKAGES))"; \
 	  fi; \
 	fi
 	@if ! command -v chromium >/dev/null; then \

@@ -152,7 +152,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 model, tokenizer, config = load_exported(exported)
         except FileNotFoundError as err:
             return _not_found(err)
-        metrics = _evaluate_checkpoint(model, tokenizer, config["experiment"]["eval"], args)
+        try:
+            metrics = _evaluate_checkpoint(model, tokenizer, config["experiment"]["eval"], args)
+        except ConfigError:
+            raise
+        except (OSError, ValueError) as err:  # an eval folder or image that cannot be read: one line
+            print(f"scalelab: evaluation failed: {type(err).__name__}: {err}", file=sys.stderr)
+            return 1
     if args.json:
         print(json.dumps(metrics, indent=1, sort_keys=True))
     else:

@@ -24,13 +24,13 @@ def test_failure_file_round_trip_and_clear(tmp_path):
 
 @pytest.mark.slow
 def test_eval_error_fails_once_then_the_fixed_run_resumes(smoke_world, smoke_config, tmp_path, local_ray):
-    # An eval image that cannot be decoded passes preflight (which reads the folder layout, templates and
-    # class names, not every image's bytes) and fails at the first evaluation, on rank 0 only.
+    # A PNG cut after its header passes preflight (which opens every eval image's header, not its pixel
+    # data) and fails at the first evaluation, on rank 0 only.
     evalset = tmp_path / "evalset"
     shutil.copytree(smoke_world / "eval" / "test", evalset)
     victim = sorted(evalset.glob("*/*.png"))[0]
     good = victim.read_bytes()
-    victim.write_bytes(b"not an image")
+    victim.write_bytes(good[: len(good) // 2])
     cfg = smoke_config(tmp_path / "runs", {
         "name": "evalfail",
         "train": {"steps": 6},
@@ -40,7 +40,7 @@ def test_eval_error_fails_once_then_the_fixed_run_resumes(smoke_world, smoke_con
     with pytest.raises(RunFailed) as err:  # a retried error would end in Ray's TrainingFailedError instead
         launch(cfg, verbose=False)
     message = str(err.value)
-    assert "stopped at step 4: evaluation failed: UnidentifiedImageError" in message
+    assert "stopped at step 4: evaluation failed: OSError: image file is truncated" in message
     assert "step_00000002" in message and "run the same command to resume" in message
     assert "\n" not in message
     assert read_failure(tmp_path / "runs" / "evalfail").kind == "eval"
@@ -48,7 +48,7 @@ def test_eval_error_fails_once_then_the_fixed_run_resumes(smoke_world, smoke_con
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     (run,) = client.search_runs(client.get_experiment_by_name("scalelab").experiment_id)
     assert run.info.status == "FAILED"
-    assert run.data.tags["scalelab.failure"].startswith("evaluation failed: UnidentifiedImageError")
+    assert run.data.tags["scalelab.failure"].startswith("evaluation failed: OSError")
     assert run.data.tags["scalelab.failed_at_step"] == "4"
 
     victim.write_bytes(good)  # the fix; the same command resumes from the kept checkpoint

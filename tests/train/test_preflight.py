@@ -139,6 +139,15 @@ def test_openai_templates_folder_names_and_a_shared_file_pass(smoke_config, eval
         check_experiment(smoke_config(tmp_path, {"eval": {"sets": sets, "shifted": []}}))
 
 
+def test_an_eval_image_that_is_not_an_image_is_refused(smoke_config, eval_copy, tmp_path):
+    evalset = eval_copy("a photo of a {}.\n")
+    bad = sorted(evalset.glob("*/*.png"))[3]
+    bad.write_bytes(b"<html>404 not found</html>")
+    cfg = smoke_config(tmp_path, {"eval": {"sets": {"test": str(evalset)}, "shifted": []}})
+    with pytest.raises(ConfigError, match=f"eval.sets.test: {bad} is not a readable image"):
+        check_experiment(cfg)
+
+
 def test_one_bad_config_through_a_fresh_interpreter(smoke_config, tmp_path):
     """The same refusal as a user sees it: a new process, no traceback, Ray never imported-and-started."""
     config = _write(smoke_config(tmp_path / "runs"), tmp_path / "exp.yaml")

@@ -164,8 +164,17 @@ def _check_image_folder(root: Path, shared_templates: str | None) -> None:
         raise ValueError(f"{root} has no class sub-folders (an eval set is <dir>/<class>/<image>)")
     resolve_classnames(root, folders)
     read_templates(templates_file(root, shared_templates))
-    if not any(p.suffix.lower() in IMAGE_SUFFIXES for f in folders for p in f.iterdir()):
+    images = [p for f in folders for p in sorted(f.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not images:
         raise ValueError(f"{root}: no images ({'/'.join(sorted(IMAGE_SUFFIXES))}) in its class folders")
+    from PIL import Image, UnidentifiedImageError
+
+    for path in images:  # headers only (Pillow opens lazily): cheap even for ImageNet-sized sets
+        try:
+            with Image.open(path):
+                pass
+        except (UnidentifiedImageError, OSError) as err:
+            raise ValueError(f"{path} is not a readable image ({err}); remove or replace it") from None
 
 
 def _check_storage(cfg: ExperimentConfig) -> None:
