@@ -1,4 +1,8 @@
-"""Each framework has one home (shared/design.md): enforced statically and at import time."""
+"""Each framework has one home: enforced statically and at import time.
+
+`deepspeed` only in train/; `ray` only in data/ (the pipeline), train/ and sweep/; `mlflow` only in
+tracking.py and sweep/. The direction of imports between scalelab's own packages is test_layering.py's.
+"""
 
 import ast
 import subprocess

@@ -169,7 +169,7 @@ class DataConfig(Frozen):
     decode_tasks: int = Field(1, gt=0, description="Decode tasks running at once per dataset (Ray Data).")
     decode_batch_size: int = Field(256, gt=0, description="Rows per map_batches call.")
     decode_cpus: float = Field(
-        1.0, gt=0, description="CPUs each decode actor reserves (fractions share a core with training)."
+        1.0, gt=0, description="CPUs each decode task reserves (fractions share a core with training)."
     )
 
     cache: bool = Field(

@@ -1,6 +1,6 @@
 """Self-check of the exactness claim on this machine: cached step == one full-batch backward.
 
-Used by `scalelab check` and `make demo`. The reference computes the embeddings micro-batch by
+Used by `scalelab check`. The reference computes the embeddings micro-batch by
 micro-batch *inside one autograd graph* (so dropout draws the same noise in the same order as the
 cache's first pass) and calls backward once on the full-batch loss; the cached step must reproduce
 every parameter gradient, the temperature's included.

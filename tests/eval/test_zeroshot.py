@@ -208,7 +208,7 @@ def test_missing_directory(tmp_path):
 def test_preprocessing_matches_the_training_pipeline():
     pipeline = pytest.importorskip("scalelab.data.pipeline")  # imports Ray: only the test may
     assert ds.CLIP_MEAN == pipeline.CLIP_MEAN and ds.CLIP_STD == pipeline.CLIP_STD
-    # The pipeline's eval branch, without building its tokenizer-loading actor.
+    # The pipeline's eval branch, without building its tokenizer-loading decoder.
     decode = object.__new__(pipeline._Decode)
     decode.size, decode.random_crop, decode.flip = 8, False, False
     decode.mean = np.asarray(pipeline.CLIP_MEAN, dtype=np.float32)[:, None, None]

@@ -8,8 +8,8 @@ are a shard dataset (manifest.json + shards).
 
 Preprocessing is CLIP's eval transform — shorter side to S, centre crop, bicubic, CLIP mean/std — the
 same as the eval branch of `scalelab.data.pipeline._Decode`. It is re-implemented here rather than
-imported because pipeline.py imports Ray, which `eval` must not (shared/design.md); a test checks that
-both give identical arrays.
+imported because pipeline.py imports Ray, which `eval` must not (each framework has one home:
+tests/test_imports.py); a test checks that both give identical arrays.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ backward calls. The engine is driven with `engine.backward(loss, scale_wrt_gas=F
 surrogate already carries the full-batch gradient; dividing by GAS would shrink it) and
 `set_gradient_accumulation_boundary(k == calls - 1)`. With `gradient_accumulation_steps=1` and
 several backward calls before one `step()`, ZeRO-1/2 produce silently wrong gradients (measured on
-DeepSpeed 0.19.8; shared/notes/install-and-cpu.md).
+DeepSpeed 0.19.8, CPU, 2 gloo ranks; tests/train/test_engine.py checks the pattern used here against a
+single-process reference on stages 0-3).
 
 DeepSpeed insists on train_batch_size == micro × GAS × world. Micro-batches here have uneven sizes,
 so `train_micro_batch_size_per_gpu` is nominal: ceil(per_rank / GAS), the mean rows per backward
