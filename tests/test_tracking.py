@@ -87,6 +87,29 @@ def test_resume_continues_the_same_run(store):
     assert tracking.find_run_by_tag(uri, exp_id, "trial_id", "zzz") is None
 
 
+def test_a_replayed_step_is_logged_once(store):
+    """A resumed worker replays the steps after its checkpoint: `logged=last_steps()` drops each metric
+    at the steps the run already holds, per key (an eval logged at fewer steps than the loss)."""
+    uri, exp_id, client = store
+    first = tracking.start_or_resume_run(uri, exp_id, run_name="r")
+    assert first.last_steps() == {}
+    for step in (1, 2, 3):  # the interrupted attempt: eval logged at step 2 only
+        first.log_metrics({"train/loss": 5.0 - step, "eval/top1": 0.2 if step == 2 else None}, step)
+
+    again = tracking.start_or_resume_run(uri, exp_id, run_name="r")
+    logged = again.last_steps()
+    assert logged == {"train/loss": 3, "eval/top1": 2}
+    assert again.history("train/loss") == {1: 4.0, 2: 3.0, 3: 2.0}
+    # Resumed from a step-1 checkpoint: steps 2 and 3 come again, then step 4 is new.
+    kept = [again.log_metrics({"train/loss": 5.0 - s, "eval/top1": 0.1 * s}, s, logged=logged)
+            for s in (2, 3, 4)]
+    assert kept == [[], ["eval/top1"], ["train/loss", "eval/top1"]]
+    loss = client.get_metric_history(again.run_id, "train/loss")
+    assert sorted((m.step, m.value) for m in loss) == [(1, 4.0), (2, 3.0), (3, 2.0), (4, 1.0)]
+    top1 = client.get_metric_history(again.run_id, "eval/top1")
+    assert sorted((m.step, m.value) for m in top1) == [(2, 0.2), (3, pytest.approx(0.3)), (4, 0.4)]
+
+
 def test_parent_child_and_context_manager(store):
     uri, exp_id, client = store
     parent = tracking.start_or_resume_run(uri, exp_id, run_name="sweep")

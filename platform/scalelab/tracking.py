@@ -238,18 +238,35 @@ class RunHandle:
             self.client.log_batch(self.run_id, params=chunk)
         return omitted
 
-    def log_metrics(self, metrics: Mapping[str, float | None], step: int) -> None:
+    def log_metrics(
+        self, metrics: Mapping[str, float | None], step: int, *, logged: Mapping[str, int] | None = None
+    ) -> list[str]:
         """Log metrics at `step` (the global step / samples seen, never Tune's iteration, which resets on
-        resume) in one `log_batch`. None values are dropped; NaN/inf are logged as is, since MLflow
-        stores them and a diverging loss must stay visible. Keys are checked with `metric_key`."""
+        resume) in one `log_batch`; returns the keys logged. None values are dropped; NaN/inf are logged
+        as is, since MLflow stores them and a diverging loss must stay visible. Keys are checked with
+        `metric_key`. `logged` ({key: last step already in the run}, from `last_steps`) drops the keys
+        whose `step` the run already holds: MLflow appends every entry, so a resumed worker replaying
+        the steps between its checkpoint and the interruption would otherwise log them twice."""
         timestamp = int(time.time() * 1000)
+        done = logged or {}
         entries = [
             Metric(metric_key(key), float(value), timestamp, int(step))
             for key, value in metrics.items()
-            if value is not None
+            if value is not None and int(step) > done.get(key, -1)
         ]
         for chunk in _chunks(entries, MAX_METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=chunk)
+        return [m.key for m in entries]
+
+    def history(self, key: str) -> dict[int, float]:
+        """{step: value} of one metric (the last value where a step was logged more than once)."""
+        entries = sorted(self.client.get_metric_history(self.run_id, key), key=lambda m: m.timestamp)
+        return {int(m.step): float(m.value) for m in entries}
+
+    def last_steps(self) -> dict[str, int]:
+        """{metric key: largest step logged} for every metric of the run ({} for a new run)."""
+        keys = self.client.get_run(self.run_id).data.metrics
+        return {key: max(self.history(key)) for key in keys}
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set (overwrite) tags; values are stringified (MLflow truncates them at 8000 characters)."""

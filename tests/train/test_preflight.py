@@ -199,6 +199,8 @@ def test_resume_with_changed_training_config_is_refused_but_allowed_changes_pass
     _fake_checkpoint(cfg, 10, world=2)
     with pytest.raises(ConfigError, match=r"optim.lr: 0.001 -> 0.002"):
         check_resume(smoke_config(tmp_path, {"optim": {"lr": 2e-3}}))
+    with pytest.raises(ConfigError, match=r"train.cpus_per_worker: 0.5 -> 1.0"):  # thread count: not bitwise
+        check_resume(smoke_config(tmp_path, {"train": {"cpus_per_worker": 1.0}}))
     longer = smoke_config(tmp_path, {"train": {"steps": 60}, "run": {"log_every": 1}})
     assert check_resume(longer.model_copy(update={"eval": EvalConfig()})).step == 10
 

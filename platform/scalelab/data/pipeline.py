@@ -36,6 +36,8 @@ Rows: `image` float32 [3, S, S] (RGB normalised with CLIP's mean/std), `tokens` 
 `valid` bool, `reason` str ("" when valid), `key` str, `source` int64, `index` int64 (epoch-order
 position). Bad rows keep zero image/tokens and are dropped and counted by `iter_train_batches`.
 Augmentation randomness is seeded by (seed, epoch, index), so a resumed epoch decodes identical crops.
+A row is thus a function of (cfg, epoch, index) and the files, the tokenizer included: a Unigram
+tokenizer trained again on the same captions is another file (other ids), hence another run.
 """
 
 from __future__ import annotations

@@ -285,7 +285,10 @@ class _Evaluator:
         from scalelab.models import create_model
 
         self.cfg = cfg
-        self.model = create_model(cfg.model.preset, **cfg.model.overrides).float().eval()
+        # Building a model draws from the global RNG; its weights are replaced before every use, so
+        # it must not move the training RNG (dropout after a resume would differ from the original run).
+        with torch.random.fork_rng(devices=[]):
+            self.model = create_model(cfg.model.preset, **cfg.model.overrides).float().eval()
         self.tokenizer = load_tokenizer(tokenizer_path(cfg.data))
 
     def __call__(self, weights: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -328,7 +331,7 @@ def _evaluate(engine: Any, evaluator: _Evaluator | None,
 
 # --------------------------------------------------------------------------- reporting (rank 0)
 class _Reporter:
-    """MLflow metrics (step = global step) and the progress line shown by the driver."""
+    """MLflow metrics (step = global step, each logged once across restarts) and the progress line."""
 
     def __init__(self, cfg: ExperimentConfig, config: dict[str, Any], run: RunState) -> None:
         from scalelab.tracking import RunHandle
@@ -337,6 +340,10 @@ class _Reporter:
         run_id, uri = config.get("mlflow_run_id"), config.get("tracking_uri")
         self.handle = RunHandle(uri, run_id) if run_id and uri else None
         self._t0, self._s0 = time.perf_counter(), run.step
+        # A restart replays the steps after its checkpoint, bit for bit (checked in `log`); MLflow
+        # appends, so each metric is logged only past the last step the run already holds.
+        self._logged = self.handle.last_steps() if self.handle else {}
+        self._logged_loss = self.handle.history("train/loss") if "train/loss" in self._logged else {}
 
     def say(self, text: str) -> None:
         # Straight to the process's stdout (Ray forwards it to the driver): Ray Train patches `print`
@@ -350,7 +357,12 @@ class _Reporter:
         rate = done * self.cfg.train.global_batch / max(now - self._t0, 1e-9)
         metrics["train/samples_per_s"] = rate
         if self.handle:
-            self.handle.log_metrics({k: float(v) for k, v in metrics.items() if v is not None}, step)
+            values = {k: float(v) for k, v in metrics.items() if v is not None}
+            self.handle.log_metrics(values, step, logged=self._logged)
+            before = self._logged_loss.get(step)
+            if before is not None and repr(before) != repr(values["train/loss"]):  # exact; NaN == NaN
+                self.say(f"warning: replayed step {step} gives loss {values['train/loss']!r}, the run logged "
+                         f"{before!r} (kept): this run is not reproducible here")
         left = (self.cfg.train.steps - step) * self.cfg.train.global_batch / max(rate, 1e-9)
         self.say(f"step {step}/{self.cfg.train.steps} | loss {metrics['train/loss']:.4f} | "
                  f"{rate:.1f} samples/s | ETA {_clock(left)}")
@@ -359,7 +371,7 @@ class _Reporter:
         if not metrics:
             return
         if self.handle:
-            self.handle.log_metrics(metrics, step)
+            self.handle.log_metrics(metrics, step, logged=self._logged)
             if final:
                 self.handle.log_dict(metrics, "eval/final.json")
         shown = {k.removeprefix("eval/"): v for k, v in metrics.items() if k.endswith(("top1", "i2t_r1"))}

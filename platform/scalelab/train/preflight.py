@@ -29,9 +29,10 @@ __all__ = [
 ]
 
 # Fields a re-run may change and still continue the same run: they do not change what was trained so
-# far. `train.steps` extends (or shortens) the run; the cosine schedule follows the new length.
-RESUMABLE_CHANGES = ("name", "run.", "eval.", "train.steps", "train.cpus_per_worker",
-                     "train.threads_per_worker", "train.max_skipped_steps", "data.decode_tasks",
+# far. `train.steps` extends (or shortens) the run; the cosine schedule follows the new length. Not the
+# CPU / thread counts: the number of torch threads changes floating-point reduction order, and a
+# resumed run must continue bit for bit as the uninterrupted one would have.
+RESUMABLE_CHANGES = ("name", "run.", "eval.", "train.steps", "train.max_skipped_steps", "data.decode_tasks",
                      "data.decode_cpus", "data.cache")
 
 

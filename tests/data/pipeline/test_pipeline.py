@@ -276,7 +276,9 @@ def test_resume_reproduces_the_remaining_order(ray_session, sources):
     a, b = sources
     cfg = _cfg([a, b], [2.0, 1.0], n_pairs=120, seed=4)
     full = list(iter_train_batches(build_dataset(cfg, epoch=3), 8))
-    resumed_it = iter_train_batches(build_dataset(cfg, epoch=3), 8, start_sample=24)
+    # Resumed with 3 blocks decoding at once (data.decode_tasks may change on resume): the order holds.
+    parallel = cfg.model_copy(update={"decode_tasks": 3, "decode_cpus": 0.5})
+    resumed_it = iter_train_batches(build_dataset(parallel, epoch=3), 8, start_sample=24)
     resumed = list(resumed_it)
     assert len(full) == 15 and len(resumed) == 12
     for x, y in zip(full[3:], resumed):

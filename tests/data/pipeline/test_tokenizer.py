@@ -98,6 +98,20 @@ def test_default_location_hash_and_json(dataset):
     assert len(list(iter_captions(dataset))) == N
 
 
+_UNIGRAM_VARIES = pytest.mark.xfail(strict=True, reason=(
+    "HF's UnigramTrainer is not reproducible: the same pieces come out with other scores (single "
+    "characters swap their small fallback penalties, other scores move in the last bits), so in another id "
+    "order; a world whose tokenizer is trained again trains differently from its first step"))
+
+
+@pytest.mark.parametrize("kind", [pytest.param("unigram", marks=_UNIGRAM_VARIES), "bpe"])
+def test_training_twice_gives_the_same_tokenizer(dataset, tmp_path, kind):
+    """A tokenizer is an input of the run: trained again on the same captions it must be the same file."""
+    files = [train_tokenizer(dataset, kind=kind, vocab_size=200, out=tmp_path / f"{i}.json")
+             for i in range(3)]
+    assert files[1].read_bytes() == files[0].read_bytes() == files[2].read_bytes()
+
+
 def test_errors(tmp_path, dataset):
     with pytest.raises(FileNotFoundError, match="tokenizer file not found"):
         load_tokenizer(tmp_path / "nope.json")
