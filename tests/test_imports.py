@@ -22,18 +22,25 @@ HOMES = {
 FRAMEWORK_FREE = [
     "scalelab.config", "scalelab.models", "scalelab.losses", "scalelab.gradcache", "scalelab.eval",
     "scalelab.data.shards", "scalelab.data.validate", "scalelab.data.synth", "scalelab.data.batches",
-    "scalelab.scaling",
+    "scalelab.data.plan", "scalelab.data.tokenizer", "scalelab.data.transforms", "scalelab.scaling",
 ]
+# Driver-side modules that need a file or a plan from `data`, never the Ray Data pipeline.
+RAY_DATA_FREE = ["scalelab.train.preflight", "scalelab.train.export"]
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module `path` imports, anywhere in it (`from a.b import c` counts as a.b)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
 
 
 def _imported_roots(path: Path) -> set[str]:
-    roots = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            roots.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            roots.add(node.module.split(".")[0])
-    return roots
+    return {name.split(".")[0] for name in _imported_modules(path)}
 
 
 def test_frameworks_are_imported_only_in_their_homes():
@@ -61,6 +68,17 @@ def test_core_modules_load_no_framework(module):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"{module} pulled in: {out.stdout.strip()}"
+
+
+@pytest.mark.parametrize("module", RAY_DATA_FREE)
+def test_driver_side_modules_do_not_load_ray(module):
+    # Their scalelab imports sit inside functions too: import every one of them, as a call would.
+    path = PACKAGE.joinpath(*module.split(".")[1:]).with_suffix(".py")
+    lazy = sorted({name for name in _imported_modules(path) if name.startswith("scalelab.")})
+    assert "scalelab.data.tokenizer" in lazy  # the scan sees the function-level imports
+    code = f"import sys, {', '.join([module, *lazy])}\nprint('ray' in sys.modules)\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", f"{module} or its function-level imports pull in ray"
 
 
 def test_no_platform_init():

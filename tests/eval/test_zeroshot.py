@@ -208,11 +208,9 @@ def test_missing_directory(tmp_path):
 def test_preprocessing_matches_the_training_pipeline():
     pipeline = pytest.importorskip("scalelab.data.pipeline")  # imports Ray: only the test may
     assert ds.CLIP_MEAN == pipeline.CLIP_MEAN and ds.CLIP_STD == pipeline.CLIP_STD
-    # The pipeline's eval branch, without building its tokenizer-loading decoder.
+    # The pipeline's eval branch (no RowAugment), without building its tokenizer-loading decoder.
     decode = object.__new__(pipeline._Decode)
-    decode.size, decode.random_crop, decode.flip = 8, False, False
-    decode.mean = np.asarray(pipeline.CLIP_MEAN, dtype=np.float32)[:, None, None]
-    decode.std = np.asarray(pipeline.CLIP_STD, dtype=np.float32)[:, None, None]
+    decode.size, decode.augment = 8, None
     rgb = np.random.default_rng(0).integers(0, 256, size=(13, 21, 3), dtype=np.uint8)
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG")
@@ -247,7 +245,7 @@ def test_end_to_end_on_a_synthetic_world(world):
     got.update(evaluate_retrieval(model, tok, root / "eval" / "retrieval", batch_size=8))
     want = {f"eval/zeroshot/{n}/{m}" for n in names for m in ("top1", "top5", "mean_per_class_recall")}
     want |= {"eval/zeroshot/robustness_avg/top1"}
-    want |= {f"eval/retrieval/retrieval/{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
+    want |= {f"eval/retrieval/{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
     assert set(got) == want
     assert all(0.0 <= v <= 1.0 and math.isfinite(v) for v in got.values())
     avg = np.mean([got[f"eval/zeroshot/{s}/top1"] for s in shifted])

@@ -80,7 +80,7 @@ def test_smoke_run_learns_evaluates_and_logs_one_mlflow_run(smoke_config, tmp_pa
     top1 = _history(client, result.mlflow_run_id, "eval/zeroshot/test/top1")
     assert [s for s, _ in top1] == [15, 30]  # every 15 steps and at the end
     assert _history(client, result.mlflow_run_id, "eval/zeroshot/robustness_avg/top1")
-    assert _history(client, result.mlflow_run_id, "eval/retrieval/retrieval/i2t_r1")
+    assert _history(client, result.mlflow_run_id, "eval/retrieval/i2t_r1")
     assert result.final_metrics["eval/zeroshot/test/top1"] == pytest.approx(top1[-1][1])
 
     artifacts = {f.path for f in client.list_artifacts(result.mlflow_run_id)}

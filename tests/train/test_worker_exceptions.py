@@ -21,10 +21,12 @@ from scalelab.config import ConfigError
 from scalelab.train.preflight import check_experiment
 
 SRC = Path(__file__).resolve().parents[2] / "platform" / "scalelab"
-WORKER_PATH = ("train/loop", "train/step", "train/engine", "train/ds_config", "train/schedule", "train/optim",
-               "train/checkpoint", "train/compute", "data/pipeline", "data/batches", "data/prompts",
-               "data/tokenizer", "eval/datasets", "eval/zeroshot", "eval/retrieval", "gradcache",
-               "models/image", "models/presets", "models/text")
+WORKER_PATH = ("train/loop", "train/stream", "train/evaluator", "train/reporter", "train/task", "train/plan",
+               "train/resume", "train/faults", "train/step", "train/engine", "train/ds_config",
+               "train/schedule", "train/optim", "train/checkpoint", "train/compute", "data/pipeline",
+               "data/plan", "data/batches", "data/prompts", "data/tokenizer", "eval/datasets",
+               "eval/zeroshot",
+               "eval/retrieval", "gradcache", "models/image", "models/presets", "models/text")
 
 
 def _eval_set(templates: str | None, classnames: str | None = "keep", empty: bool = False):
@@ -63,14 +65,16 @@ INT = "internal"
 # (module, function, exception) -> (kind, overrides or a builder of them | the reason)
 CLASSIFIED: dict[tuple[str, str, str], tuple[str, Any]] = {
     # --- the worker loop
-    ("train/loop", "_agreed", "RunStopped"): (RT, "an eval error on rank 0 (e.g. an image file deleted or "
-                                              "corrupted after preflight): every rank stops once, no retry"),
+    ("train/evaluator", "maybe_run", "RunStopped"): (RT, "an eval error on rank 0 (e.g. an image file "
+                                                     "damaged after preflight): every rank stops once"),
     ("train/loop", "_train", "RunStopped"): (RT, "train.max_skipped_steps non-finite steps in a row "
                                              "(see step.observe): every rank stops once, no retry"),
-    ("train/loop", "next", "RunStopped"): (RT, "too many bad samples in an epoch for a full batch on some "
+    ("train/stream", "next", "RunStopped"): (RT, "too many bad samples in an epoch for a full batch on some "
                                            "rank: depends on the data's content; stops once, no retry"),
-    ("train/loop", "next", "AssertionError"): (INT, "unreachable end of a two-pass loop"),
-    ("train/loop", "_maybe_fail", "RuntimeError"): (INT, "the test hook's injected failure (retried)"),
+    ("train/stream", "next", "AssertionError"): (INT, "unreachable end of a two-pass loop"),
+    ("train/faults", "maybe_inject_failure", "RuntimeError"): (INT, "the test hook's injected failure"),
+    ("train/resume", "decide_resume", "ConfigError"): (PRE, "an incompatible re-run: check_resume "
+                                                       "(tests/train/test_preflight.py)"),
     # --- the step and the engine
     ("train/step", "train_step", "ValueError"): (INT, "per-rank batch size is fixed by batch_geometry"),
     ("train/step", "__call__", "RuntimeError"): (INT, "backward-call count is fixed by batch_geometry"),
@@ -97,9 +101,9 @@ CLASSIFIED: dict[tuple[str, str, str], tuple[str, Any]] = {
     ("train/compute", "_check_count", "ValueError"): (INT, "counts come from the loop"),
     ("train/compute", "utilization", "ValueError"): (INT, "benchmark helper, not called by the worker"),
     # --- data
-    ("data/pipeline", "source_counts", "ConfigError"): (PRE, {"data": {"n_pairs": 10**7}}),
-    ("data/pipeline", "plan_epoch", "ValueError"): (INT, "rank < world size by construction"),
-    ("data/pipeline", "tokenizer_path", "FileNotFoundError"): (PRE, {"data": {"tokenizer": "/nonexistent"}}),
+    ("data/plan", "source_counts", "ConfigError"): (PRE, {"data": {"n_pairs": 10**7}}),
+    ("data/plan", "plan_epoch", "ValueError"): (INT, "rank < world size by construction"),
+    ("data/tokenizer", "tokenizer_path", "FileNotFoundError"): (PRE, {"data": {"tokenizer": "/nonexistent"}}),
     ("data/pipeline", "build_dataset", "RuntimeError"): (PRE, {"train": {"global_batch": 4096}}),
     ("data/pipeline", "decode_subset", "ValueError"): (INT, "cache + augment is refused by the config"),
     ("data/batches", "__init__", "ValueError"): (INT, "batch size and start: geometry / checkpoint"),

@@ -1,5 +1,8 @@
 """Caption tokenizer: train it on a dataset's captions, save it next to the manifest, load it by hash.
 
+A run's file is `tokenizer_path(cfg.data)` (data.tokenizer, else next to the first source's manifest);
+the driver finds it there without importing the Ray Data pipeline.
+
 BASIC tokenizes with a SentencePiece model; the default here is the same algorithm (Unigram with
 SentencePiece's `▁` word boundaries, HF `tokenizers`), with byte-pair encoding as an option.
 Special ids are fixed because other code relies on them: `<pad>` = 0 (the text tower treats token 0
@@ -13,10 +16,13 @@ import hashlib
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+if TYPE_CHECKING:
+    from scalelab.config import DataConfig
 
 __all__ = [
     "BOS",
@@ -28,6 +34,7 @@ __all__ = [
     "CaptionTokenizer",
     "iter_captions",
     "load_tokenizer",
+    "tokenizer_path",
     "train_tokenizer",
 ]
 
@@ -196,3 +203,16 @@ def load_tokenizer(path_or_dataset_dir: str | Path) -> CaptionTokenizer:
             " (or set data.tokenizer to an existing tokenizer.json)"
         )
     return CaptionTokenizer(path)
+
+
+def tokenizer_path(cfg: DataConfig) -> Path:
+    """cfg.tokenizer, or tokenizer.json next to the first source's manifest."""
+    path = Path(cfg.tokenizer) if cfg.tokenizer else Path(cfg.sources[0].path) / TOKENIZER_NAME
+    if path.is_dir():
+        path = path / TOKENIZER_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"tokenizer file not found: {path} — train one with `scalelab data tokenizer "
+            f"{cfg.sources[0].path}` or set data.tokenizer"
+        )
+    return path

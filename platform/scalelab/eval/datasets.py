@@ -6,10 +6,9 @@ with `{}` or `{c}`; else a shared templates file), as written by `scalelab.data.
 — the rules of `scalelab.data.prompts`, which `scalelab data from-labels` follows too. Retrieval pairs
 are a shard dataset (manifest.json + shards).
 
-Preprocessing is CLIP's eval transform — shorter side to S, centre crop, bicubic, CLIP mean/std — the
-same as the eval branch of `scalelab.data.pipeline._Decode`. It is re-implemented here rather than
-imported because pipeline.py imports Ray, which `eval` must not (each framework has one home:
-tests/test_imports.py); a test checks that both give identical arrays.
+Preprocessing is CLIP's eval transform — shorter side to S, centre crop, bicubic, CLIP mean/std —
+`scalelab.data.transforms.preprocess_eval`, the one function the training pipeline's decoder also uses
+for eval rows (transforms.py imports no Ray, which `eval` must not: tests/test_imports.py).
 """
 
 from __future__ import annotations

@@ -49,17 +49,19 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Seque
 
 
 def evaluate_retrieval(model: nn.Module, tokenizer: Tokenizer, dataset_dir: str | Path,
-                       image_size: int | None = None, name: str = "retrieval", *,
+                       image_size: int | None = None, name: str | None = None, *,
                        ks: Sequence[int] = (1, 5, 10), batch_size: int = 256) -> dict[str, float]:
-    """Retrieval recall@k on a shard dataset of matched pairs, keys `eval/retrieval/<name>/i2t_r1` etc.
+    """Retrieval recall@k on a shard dataset of matched pairs, keys `eval/retrieval/i2t_r1` etc., or
+    `eval/retrieval/<name>/i2t_r1` for a named set (several retrieval sets side by side).
 
     `image_size` defaults to the model's.
     """
-    if not name or "/" in name:
+    if name is not None and (not name or "/" in name):
         raise ValueError(f"name becomes part of metric keys: non-empty, without '/'; got {name!r}")
     size = model.config.image_size if image_size is None else image_size
     images, captions = load_pairs(dataset_dir, size)
     image_emb = encode_images(model, images, batch_size=batch_size)
     text_emb = encode_texts(model, tokenizer, captions, batch_size=batch_size)
     metrics = retrieval_metrics(image_emb, text_emb.to(image_emb.dtype), ks)
-    return {f"eval/retrieval/{name}/{k}": v for k, v in metrics.items()}
+    prefix = "eval/retrieval/" if name is None else f"eval/retrieval/{name}/"
+    return {prefix + k: v for k, v in metrics.items()}

@@ -50,7 +50,7 @@ class LiveTable(Callback):
         for t in sorted(trials, key=str):
             r = self._latest.get(str(t), {})
             loss, value = r.get("train/loss"), r.get(self.metric)
-            lines.append(f"{t!s:<28} {t.status:<10} {r.get('samples_seen', 0):>9} "
+            lines.append(f"{t!s:<28} {t.status:<10} {r.get('train/samples_seen', 0):>9} "
                          f"{'' if loss is None else f'{loss:.3f}':>7} "
                          f"{'' if value is None else f'{value:.4f}':>14}")
         done = sum(t.status == "TERMINATED" for t in trials)

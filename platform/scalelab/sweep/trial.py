@@ -36,5 +36,5 @@ def run_trial(config: dict[str, Any], *, experiments: dict[str, dict[str, Any]],
     # the result queue, hands a forwarded report to that queue itself and blocks there for good when
     # this thread's report got in first (seen in a sweep: both threads waiting in Queue.put, load 0).
     if result.resumed_from is not None and result.step <= result.resumed_from:
-        tune.report({**result.final_metrics, "step": result.step, "samples_seen": result.samples_seen,
+        tune.report({**result.final_metrics, "step": result.step, "train/samples_seen": result.samples_seen,
                      "mlflow_run_id": result.mlflow_run_id})

@@ -62,6 +62,11 @@ class RunState:
     nonfinite: dict[str, int] = field(default_factory=dict)  # NonFiniteGuard state: total, consecutive
     format: int = FORMAT
 
+    def advance(self, samples: int) -> None:
+        """One optimizer step of `samples` pairs (the global batch) taken."""
+        self.step += 1
+        self.samples_seen += samples
+
 
 @dataclass
 class RankState:

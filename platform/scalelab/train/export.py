@@ -64,7 +64,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     Raises FileNotFoundError naming the path when `checkpoint` is not a scalelab checkpoint (no
     scalelab.json, or no DeepSpeed state) or the run's tokenizer file is gone.
     """
-    from scalelab.data.pipeline import tokenizer_path
+    from scalelab.data.tokenizer import tokenizer_path
     from scalelab.models import create_model, get_spec
 
     checkpoint, out = Path(checkpoint), Path(out)

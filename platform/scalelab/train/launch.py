@@ -3,7 +3,8 @@
 `launch(cfg)` is the unit a sweep trial runs. Order matters: the config is checked (paths, model/data
 agreement, resume compatibility) before Ray starts, so a bad config costs nothing; the MLflow run is
 created (or found again by its run-key tag) by the driver, so a restarted worker group, a re-run
-command or a resumed sweep trial all log into the same run; workers get its id in their config dict.
+command or a resumed sweep trial all log into the same run; workers get its id, the checkpoint to start
+from (`resume.decide_resume`, decided once) and the MACs per sample in their `WorkerPlan`.
 
 Everything persistent sits under `run.storage`: `<name>/step_*` checkpoints (Ray Train's storage),
 `mlflow.db` and `mlartifacts/` (the default local MLflow store). Running the same command again finds
@@ -20,20 +21,20 @@ from typing import Any
 from scalelab.config import ExperimentConfig, flatten, resolve_paths
 from scalelab.train.checkpoint import RunState, latest_checkpoint, read_run_state
 from scalelab.train.failures import RunFailed, clear_failure, read_failure
+from scalelab.train.faults import FAULT_ENV
+from scalelab.train.plan import WorkerPlan
 from scalelab.train.preflight import (
     check_experiment,
     check_resources,
-    check_resume,
     local_capacity,
     refuse_short_resources,
-    run_dir,
     starts_local_ray,
 )
+from scalelab.train.resume import decide_resume, run_dir
 
 __all__ = ["RunFailed", "TrainResult", "ensure_ray", "launch", "worker_env"]
 
-_PASSTHROUGH_ENV = ("SCALELAB_FAIL_AT_STEP", "SCALELAB_FAIL_RANK", "SCALELAB_FAIL_MARKER", "HF_HUB_OFFLINE",
-                    "MLFLOW_DISABLE_TELEMETRY")
+_PASSTHROUGH_ENV = (*FAULT_ENV, "HF_HUB_OFFLINE", "MLFLOW_DISABLE_TELEMETRY")
 # Never logged as params: a tracking URI may carry a password (postgresql://user:pw@host/db).
 _UNLOGGED_PARAMS = ("run.tracking_uri",)
 
@@ -64,27 +65,28 @@ def launch(cfg: ExperimentConfig, *, parent_run_id: str | None = None, tags: dic
     """
     cfg = resolve_paths(cfg)
     check_experiment(cfg)
-    previous = check_resume(cfg)
+    resume = decide_resume(cfg)  # the one decision: fresh, resume from X, finished (or ConfigError)
     if starts_local_ray(ray_address) and not _ray_initialized():
         refuse_short_resources(cfg, local_capacity(), "this machine")
     say = print if verbose else (lambda *_: None)
-    if previous is not None:
-        state = "finished" if previous.finished and previous.step >= cfg.train.steps else "interrupted"
-        say(f"[{cfg.name}] resuming the {state} run at step {previous.step}/{cfg.train.steps} "
-            f"from {latest_checkpoint(run_dir(cfg))}")
+    previous = resume.state
+    if resume.kind != "fresh":
+        say(f"[{cfg.name}] resuming {resume.describe(cfg.train.steps)}")
     handle, uri = _mlflow_run(cfg, parent_run_id, tags, run_key)
     if previous is not None and previous.mlflow_run_id not in (None, handle.run_id):
         say(f"[{cfg.name}] note: the checkpoint names MLflow run {previous.mlflow_run_id}; "
             f"logging to {handle.run_id}")
-    if previous is not None and previous.step >= cfg.train.steps:
+    if resume.kind == "finished" and previous is not None:
         say(f"[{cfg.name}] already finished ({previous.step} steps); nothing to do")
         handle.finish("FINISHED")
         return _result(cfg, handle.run_id, uri, previous, previous.step)
     started_local = ensure_ray(ray_address)
     _check_ray_resources(cfg, started_local, say)
     clear_failure(run_dir(cfg))
+    plan = WorkerPlan(cfg, handle.run_id, uri, _macs_per_sample(cfg),
+                      str(resume.checkpoint) if resume.checkpoint else None)
     try:
-        _fit(cfg, handle.run_id, uri, callbacks or [])
+        _fit(plan, callbacks or [])
     except KeyboardInterrupt:
         handle.finish("KILLED")
         raise
@@ -164,7 +166,7 @@ def _mlflow_run(cfg: ExperimentConfig, parent_run_id: str | None, tags: dict[str
     flat.update({"model.params": stats.params, "model.macs_per_sample": stats.macs_per_sample})
     _log_params_allowing_changes(handle, flat)
     handle.log_dict({**cfg.to_dict(), "resolved_model": spec.to_dict()}, "config/experiment.json")
-    from scalelab.data.pipeline import tokenizer_path
+    from scalelab.data.tokenizer import tokenizer_path
 
     handle.log_artifact(tokenizer_path(cfg.data), "tokenizer")
     return handle, uri
@@ -189,23 +191,26 @@ def worker_env(cfg: ExperimentConfig) -> dict[str, str]:
     return env
 
 
-def _fit(cfg: ExperimentConfig, run_id: str, uri: str, callbacks: list[Any]) -> Any:
+def _macs_per_sample(cfg: ExperimentConfig) -> int:
+    from scalelab.models import get_spec, preset_stats
+
+    return preset_stats(get_spec(cfg.model.preset, **cfg.model.overrides)).macs_per_sample
+
+
+def _fit(plan: WorkerPlan, callbacks: list[Any]) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from scalelab.models import get_spec, preset_stats
     from scalelab.train.loop import train_worker
 
-    macs = preset_stats(get_spec(cfg.model.preset, **cfg.model.overrides)).macs_per_sample
+    cfg = plan.experiment
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
     # Ray restores its own checkpoint bookkeeping from `<storage>/<name>` when it finds it, but a driver
     # killed between writing a checkpoint and recording it leaves a checkpoint Ray does not know: the
-    # workers fall back to the newest complete one on storage (Train V2 has no resume_from_checkpoint).
-    latest = latest_checkpoint(run_dir(cfg))
+    # plan names the newest complete one on storage (Train V2 has no resume_from_checkpoint).
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"experiment": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": uri,
-                           "macs_per_sample": macs, "resume_from": str(latest) if latest else None},
+        train_loop_config=plan.to_dict(),
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(

@@ -12,9 +12,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from scalelab.config import ConfigError, ExperimentConfig, flatten
-from scalelab.train.checkpoint import RunState, latest_checkpoint, read_run_state, world_size_error
+from scalelab.config import ConfigError, ExperimentConfig
+from scalelab.train.checkpoint import RunState
 from scalelab.train.ds_config import batch_geometry, deepspeed_config
+from scalelab.train.resume import RESUMABLE_CHANGES, decide_resume, run_dir
 
 __all__ = [
     "RESUMABLE_CHANGES",
@@ -27,19 +28,6 @@ __all__ = [
     "run_reservation",
     "starts_local_ray",
 ]
-
-# Fields a re-run may change and still continue the same run: they do not change what was trained so
-# far. `train.steps` extends (or shortens) the run; the cosine schedule follows the new length. Not the
-# CPU / thread counts: the number of torch threads changes floating-point reduction order, and a
-# resumed run must continue bit for bit as the uninterrupted one would have.
-RESUMABLE_CHANGES = ("name", "run.", "eval.", "train.steps", "train.max_skipped_steps", "data.decode_tasks",
-                     "data.decode_cpus", "data.cache")
-
-
-def run_dir(cfg: ExperimentConfig) -> Path:
-    """Where Ray Train keeps this run's checkpoints: `<run.storage>/<name>`."""
-    return Path(cfg.run.storage) / cfg.name
-
 
 def check_experiment(cfg: ExperimentConfig) -> None:
     """Everything a worker would otherwise discover minutes later (`cfg` with absolute paths)."""
@@ -95,8 +83,8 @@ def _check_optimizer(cfg: ExperimentConfig) -> None:
 
 def _check_data(cfg: ExperimentConfig, spec: Any) -> None:
     from scalelab.data.manifest import Manifest
-    from scalelab.data.pipeline import select_subset, tokenizer_path
-    from scalelab.data.tokenizer import load_tokenizer
+    from scalelab.data.plan import select_subset
+    from scalelab.data.tokenizer import load_tokenizer, tokenizer_path
 
     for i, source in enumerate(cfg.data.sources):
         try:
@@ -247,24 +235,6 @@ def starts_local_ray(address: str | None) -> bool:
 
 
 def check_resume(cfg: ExperimentConfig) -> RunState | None:
-    """The state of the run's latest checkpoint (None for a new run), refusing incompatible re-runs.
-
-    A re-run must keep the worker count (ZeRO partitions) and everything that shaped training so far;
-    only `RESUMABLE_CHANGES` may differ. The message lists the differing fields.
-    """
-    latest = latest_checkpoint(run_dir(cfg))
-    if latest is None:
-        return None
-    state = read_run_state(latest)
-    if state.world_size != cfg.train.num_workers:
-        raise ConfigError(world_size_error(latest, state.world_size, cfg.train.num_workers))
-    old, new = flatten(state.config), flatten(cfg.to_dict())
-    changed = sorted(k for k in old.keys() | new.keys()
-                     if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES))
-    if changed:
-        diffs = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
-        raise ConfigError(
-            f"run {cfg.name!r} exists at {latest.parent} with a different config ({diffs}). Resuming would "
-            "mix two experiments: choose another name, or restore the old values."
-        )
-    return state
+    """The state of the run's latest checkpoint (None for a new run), refusing incompatible re-runs
+    (`resume.decide_resume` decides; this is its preflight view)."""
+    return decide_resume(cfg).state

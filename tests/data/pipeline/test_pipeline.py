@@ -1,7 +1,8 @@
-"""Ray Data pipeline: data-axis subset, per-epoch order, mixing, per-rank split, resume, bad samples.
+"""Ray Data pipeline: reading blocks, decoding, bad samples, rows and batches per epoch and rank, resume,
+cache.
 
-The epoch plan (pure numpy) is tested without Ray; the Ray tests share one local Ray session
-(module-scoped) and tiny datasets (3 shards x 40 samples, 32 px PNGs).
+The plan it runs (subset, order, mixing, rank split) is tested without Ray in tests/data/test_plan.py;
+the Ray tests here share one local Ray session (module-scoped) and tiny datasets (conftest.py).
 """
 
 import io
@@ -10,17 +11,17 @@ import shutil
 import tarfile
 import tempfile
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from scalelab.config import ConfigError, DataConfig, DataSourceConfig
+from scalelab.config import DataConfig, DataSourceConfig
 from scalelab.data.manifest import ShardInfo, sha256_file
 from scalelab.data.pipeline import (
     UNREADABLE,
+    RowAugment,
     _Decode,
     _read_block,
     build_dataset,
@@ -29,125 +30,20 @@ from scalelab.data.pipeline import (
     iter_train_batches,
     plan_epoch,
     select_subset,
-    source_counts,
-    tokenizer_path,
 )
 from scalelab.data.shards import ShardWriter, finish_dataset
 from scalelab.data.tokenizer import train_tokenizer
+from scalelab.data.transforms import preprocess_eval, preprocess_train
+
+from ..conftest import caption, data_cfg, png
 
 # Ray's DataContext copy touches its own deprecated attributes.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")
 
-COLORS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 230), "yellow": (230, 220, 40)}
 
-
-def _png(i: int, size: int = 32) -> bytes:
-    name = list(COLORS)[i % len(COLORS)]
-    img = Image.new("RGB", (size + i % 7, size), (i % 256, 128, 255 - i % 256))
-    img.paste(COLORS[name], (4, 4, size // 2 + i % 5, size // 2))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _caption(i: int) -> str:
-    return f"a {list(COLORS)[i % len(COLORS)]} square number {i}"
-
-
-def _write_source(out: Path, prefix: str, shards: int, per_shard: int = 40) -> Path:
-    with ShardWriter(out, samples_per_shard=per_shard, source=prefix) as w:
-        for i in range(shards * per_shard):
-            w.write(f"{prefix}{i:06d}", _png(i), _caption(i))
-    w.finish()
-    return out
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipe")
-    a = _write_source(root / "a", "a", 3)  # 120 pairs
-    b = _write_source(root / "b", "b", 2)  # 80 pairs
-    train_tokenizer([a, b], kind="bpe", vocab_size=200)  # -> a/tokenizer.json
-    return a, b
-
-
-def _cfg(paths, weights=None, **kw) -> DataConfig:
-    weights = weights or [1.0] * len(paths)
-    kw.setdefault("decode_batch_size", 16)
-    kw.setdefault("context_length", 16)
-    return DataConfig(
-        sources=[DataSourceConfig(path=str(p), weight=w) for p, w in zip(paths, weights)],
-        image_size=32,
-        **kw,
-    )
-
-
-# --------------------------------------------------------------------------- plan (no Ray)
-def test_subset_is_fixed_whole_shards_plus_prefix(sources):
-    a, _ = sources
-    cfg = _cfg([a], n_pairs=100, seed=3)
-    slices = select_subset(cfg)
-    assert select_subset(cfg) == slices
-    assert [s.take for s in slices] == [40, 40, 20]  # two whole shards, a prefix of the last one
-    assert len({s.path for s in slices}) == 3
-    smaller = select_subset(_cfg([a], n_pairs=50, seed=3))  # data-axis points are nested
-    assert [(s.path, s.take) for s in smaller] == [(slices[0].path, 40), (slices[1].path, 10)]
-
-
-def test_source_counts():
-    cfg = _cfg(["x", "y"], [3.0, 1.0], n_pairs=80)
-    assert source_counts(cfg, [120, 80]) == [60, 20]
-    assert source_counts(_cfg(["x", "y"], [3.0, 1.0]), [120, 80]) == [120, 40]  # as many as weights allow
-    assert source_counts(_cfg(["x", "y"]), [120, 80]) == [80, 80]
-    with pytest.raises(ConfigError, match="n_pairs"):
-        source_counts(_cfg(["x"], n_pairs=500), [120])
-
-
-def test_same_rows_every_epoch_new_order(sources):
-    a, b = sources
-    cfg = _cfg([a, b], n_pairs=150, seed=1)
-    p0, p1 = plan_epoch(cfg, 0), plan_epoch(cfg, 1)
-    rows = lambda p: list(zip(p.slice_id.tolist(), p.ordinal.tolist()))  # noqa: E731
-    assert len(rows(p0)) == 150 and len(set(rows(p0))) == 150
-    assert set(rows(p0)) == set(rows(p1)) and rows(p0) != rows(p1)
-    assert rows(plan_epoch(cfg, 0)) == rows(p0)  # deterministic
-
-
-def test_rank_split_is_disjoint_covers_and_keeps_the_global_order(sources):
-    a, b = sources
-    cfg = _cfg([a, b], n_pairs=151)
-    full = plan_epoch(cfg, 2)
-    parts = [plan_epoch(cfg, 2, rank=r, world_size=3) for r in range(3)]
-    assert [len(p) for p in parts] == [50, 50, 50]  # 151 // 3 each, one row left out
-    for r, p in enumerate(parts):
-        assert (p.index % 3 == r).all()
-        assert (p.slice_id == full.slice_id[p.index]).all() and (p.ordinal == full.ordinal[p.index]).all()
-    assert sorted(np.concatenate([p.index for p in parts]).tolist()) == list(range(150))
-
-
-def test_mixing_proportions_hold_in_every_window(sources):
-    a, b = sources
-    cfg = _cfg([a, b], [3.0, 1.0], seed=5)  # n_pairs None: 120 from a, 40 from b
-    plan = plan_epoch(cfg, 0)
-    src = np.array([plan.slices[s].source for s in plan.slice_id])
-    assert (src == 1).sum() == 40 and len(src) == 160
-    for start in range(0, 160, 16):
-        assert abs((src[start : start + 16] == 1).sum() - 4) <= 2  # 16 / 4 = 4 per batch, ±2
-    for r in range(2):  # each rank's own batches are mixed too (no aliasing with the pattern)
-        mine = plan_epoch(cfg, 0, rank=r, world_size=2)
-        share = np.mean([mine.slices[s].source == 1 for s in mine.slice_id])
-        assert 0.15 < share < 0.35
-
-
-def test_tokenizer_path_errors(sources, tmp_path):
-    a, _ = sources
-    assert tokenizer_path(_cfg([a])) == a / "tokenizer.json"
-    with pytest.raises(FileNotFoundError, match="scalelab data tokenizer"):
-        tokenizer_path(_cfg([tmp_path]))
-
-
+# --------------------------------------------------------------------------- reading and decoding (no Ray)
 def test_unreadable_shard_is_logged_with_its_path(bad_dataset, caplog):
-    cfg = _cfg([bad_dataset["dir"]])
+    cfg = data_cfg([bad_dataset["dir"]])
     slices = tuple(vars(s) for s in select_subset(cfg))
     broken = next(k for k, s in enumerate(slices) if s["path"].endswith("00002.tar"))
     spec = {"slice_id": [broken, broken], "ordinal": [0, 1], "index": [7, 8]}
@@ -170,7 +66,7 @@ def test_decode_is_seeded_per_row_and_eval_is_deterministic(sources):
     a, _ = sources
     kw = dict(tokenizer=str(a / "tokenizer.json"), image_size=16, context_length=8, augment=True,
               crop_scale=(0.3, 0.6), hflip=True, seed=0, epoch=0)
-    batch = {"image_bytes": np.array([_png(3), _png(3), _png(3), b"junk"], dtype=object),
+    batch = {"image_bytes": np.array([png(3), png(3), png(3), b"junk"], dtype=object),
              "caption": np.array(["a red square"] * 4, dtype=object), "valid": np.ones(4, bool),
              "reason": np.array([""] * 4, dtype=object), "key": np.array(list("wxyz"), dtype=object),
              "source": np.zeros(4, np.int64), "index": np.array([5, 5, 6, 7])}
@@ -184,12 +80,35 @@ def test_decode_is_seeded_per_row_and_eval_is_deterministic(sources):
     assert np.array_equal(evals["image"][0], evals["image"][2])  # eval ignores the index
 
 
+def test_decoder_images_are_the_shared_transforms(sources):
+    """The pipeline keeps no transform of its own: train rows are `preprocess_train` with the row's
+    `RowAugment` stream, eval rows and augment-off rows `preprocess_eval` (what evaluation uses)."""
+    a, _ = sources
+    images = [png(i) for i in range(4)]
+    batch = {"image_bytes": np.array(images, dtype=object),
+             "caption": np.array(["a red square"] * 4, dtype=object), "valid": np.ones(4, bool),
+             "reason": np.array([""] * 4, dtype=object),
+             "key": np.array(list("wxyz"), dtype=object), "source": np.zeros(4, np.int64),
+             "index": np.array([3, 9, 4, 11])}
+    kw = dict(tokenizer=str(a / "tokenizer.json"), image_size=16, context_length=8, crop_scale=(0.3, 0.9),
+              hflip=True, seed=5, epoch=2)
+    aug = RowAugment(5, 2, (0.3, 0.9), True)
+    train = [preprocess_train(Image.open(io.BytesIO(d)), 16, aug.rng(i), crop_scale=(0.3, 0.9), hflip=True)
+             for d, i in zip(images, batch["index"])]
+    plain = [preprocess_eval(Image.open(io.BytesIO(d)), 16) for d in images]
+    for decode_kw, want in (({"train": True, "augment": True}, train),
+                            ({"train": False, "augment": True}, plain),
+                            ({"train": True, "augment": False}, plain)):  # hflip alone flips nothing
+        got = _Decode(**decode_kw, **kw)(batch)["image"]
+        assert got.tobytes() == np.stack(want).tobytes(), decode_kw
+
+
 def test_parquet_shards_read_through_the_same_plan(tmp_path):
     with ShardWriter(tmp_path / "pq", fmt="parquet", samples_per_shard=10, source="pq") as w:
         for i in range(25):
-            w.write(f"p{i:04d}", _png(i), _caption(i))
+            w.write(f"p{i:04d}", png(i), caption(i))
     w.finish()
-    cfg = _cfg([tmp_path / "pq"], n_pairs=15)
+    cfg = data_cfg([tmp_path / "pq"], n_pairs=15)
     plan = plan_epoch(cfg, 1)
     slices = tuple(vars(s) for s in plan.slices)
     spec = {"slice_id": plan.slice_id, "ordinal": plan.ordinal, "index": plan.index}
@@ -215,17 +134,17 @@ def bad_dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("bad")
     with ShardWriter(out, samples_per_shard=10, source="bad") as w:
         for i in range(10):
-            w.write(f"g{i:05d}", _png(i), _caption(i))
+            w.write(f"g{i:05d}", png(i), caption(i))
     infos = w.close()
     members = []
     for i in range(6):
-        members += [(f"h{i:05d}.png", _png(i)), (f"h{i:05d}.txt", _caption(i).encode())]
+        members += [(f"h{i:05d}.png", png(i)), (f"h{i:05d}.txt", caption(i).encode())]
     members += [("x1.png", b"\x89PNG but not really an image"), ("x1.txt", b"corrupt image bytes")]
-    members += [("x2.png", _png(1)), ("x2.txt", b"  ")]  # empty caption
-    members += [("x3.png", _png(2)), ("x3.txt", b"\xff\xfe caption")]  # not UTF-8
+    members += [("x2.png", png(1)), ("x2.txt", b"  ")]  # empty caption
+    members += [("x3.png", png(2)), ("x3.txt", b"\xff\xfe caption")]  # not UTF-8
     members += [("x4.json", b"{}")]  # orphan member: neither image nor caption
     (out / "00001.tar").write_bytes(_tar_bytes(members))
-    whole = _tar_bytes([m for i in range(10) for m in ((f"t{i}.png", _png(i)), (f"t{i}.txt", b"cap"))])
+    whole = _tar_bytes([m for i in range(10) for m in ((f"t{i}.png", png(i)), (f"t{i}.txt", b"cap"))])
     (out / "00002.tar").write_bytes(whole[:300])  # cut inside its first header: unreadable, nothing salvaged
     for name, n in (("00001.tar", 10), ("00002.tar", 10)):
         path = out / name
@@ -255,7 +174,7 @@ def ray_session():
 @pytest.mark.slow
 def test_rows_and_batches_same_subset_every_epoch(ray_session, sources):
     a, _ = sources
-    cfg = _cfg([a], n_pairs=100, seed=2)
+    cfg = data_cfg([a], n_pairs=100, seed=2)
     rows0 = build_dataset(cfg, epoch=0).take_all()
     rows1 = build_dataset(cfg, epoch=1).take_all()
     keys0, keys1 = [r["key"] for r in rows0], [r["key"] for r in rows1]
@@ -274,7 +193,7 @@ def test_rows_and_batches_same_subset_every_epoch(ray_session, sources):
 @pytest.mark.slow
 def test_resume_reproduces_the_remaining_order(ray_session, sources):
     a, b = sources
-    cfg = _cfg([a, b], [2.0, 1.0], n_pairs=120, seed=4)
+    cfg = data_cfg([a, b], [2.0, 1.0], n_pairs=120, seed=4)
     full = list(iter_train_batches(build_dataset(cfg, epoch=3), 8))
     # Resumed with 3 blocks decoding at once (data.decode_tasks may change on resume): the order holds.
     parallel = cfg.model_copy(update={"decode_tasks": 3, "decode_cpus": 0.5})
@@ -290,7 +209,7 @@ def test_resume_reproduces_the_remaining_order(ray_session, sources):
 @pytest.mark.slow
 def test_mixing_and_rank_split(ray_session, sources):
     a, b = sources
-    cfg = _cfg([a, b], [3.0, 1.0], seed=6)  # 120 + 40
+    cfg = data_cfg([a, b], [3.0, 1.0], seed=6)  # 120 + 40
     whole = list(iter_train_batches(build_dataset(cfg, epoch=0), 16))
     per_batch = [sum(k.startswith("b") for k in batch.keys) for batch in whole]
     assert len(whole) == 10 and all(2 <= n <= 6 for n in per_batch) and sum(per_batch) == 40
@@ -304,7 +223,7 @@ def test_mixing_and_rank_split(ray_session, sources):
 @pytest.mark.slow
 def test_bad_samples_are_skipped_and_counted(ray_session, sources, bad_dataset):
     a, _ = sources
-    cfg = _cfg([bad_dataset["dir"]], tokenizer=str(a / "tokenizer.json"))
+    cfg = data_cfg([bad_dataset["dir"]], tokenizer=str(a / "tokenizer.json"))
     it = iter_train_batches(build_dataset(cfg, epoch=0), 4)
     batches = list(it)
     assert it.skipped == {"undecodable_image": 1, "empty_caption": 1, "non_utf8_caption": 1,
@@ -312,7 +231,7 @@ def test_bad_samples_are_skipped_and_counted(ray_session, sources, bad_dataset):
     assert it.metrics()["data/skipped/unreadable_shard"] == 10
     assert len(batches) == 4 and it.samples_seen == 16  # 16 good samples
     assert Counter(k[0] for bt in batches for k in bt.keys) == {"g": 10, "h": 6}
-    bad = _cfg([bad_dataset["all_bad"]], tokenizer=str(a / "tokenizer.json"))
+    bad = data_cfg([bad_dataset["all_bad"]], tokenizer=str(a / "tokenizer.json"))
     with pytest.raises(RuntimeError, match="no usable samples"):
         list(iter_train_batches(build_dataset(bad, epoch=0), 4))
 
@@ -329,7 +248,7 @@ def test_cached_epochs_equal_the_ray_data_epochs(ray_session, sources, bad_datas
     """data.cache: the same batches, in the same order, per epoch and rank, resumed mid-epoch, with the
     same bad rows counted — decoded once instead of once per epoch."""
     a, b = sources
-    cfg = _cfg([a, b, bad_dataset["dir"]], [2.0, 1.0, 1.0], seed=3, augment=False, cache=True,
+    cfg = data_cfg([a, b, bad_dataset["dir"]], [2.0, 1.0, 1.0], seed=3, augment=False, cache=True,
                tokenizer=str(a / "tokenizer.json"))
     cached = decode_subset(cfg)
     for epoch, rank, start in ((0, 0, 0), (1, 1, 0), (2, 0, 24), (5, 1, 8)):
@@ -341,7 +260,7 @@ def test_cached_epochs_equal_the_ray_data_epochs(ray_session, sources, bad_datas
         assert mine.skipped == plain.skipped and mine.samples_seen == plain.samples_seen
     assert sum(1 for v in cached.columns["valid"] if not v) == 14  # 4 bad samples + 10 unreadable rows
     with pytest.raises(ValueError, match="augment"):
-        _cfg([a], augment=True, cache=True)
+        data_cfg([a], augment=True, cache=True)
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""Caption tokenizer: trained on a dataset's captions; pad 0, bos/eos placement, truncation, hash, errors."""
+"""Caption tokenizer: trained on a dataset's captions; pad 0, bos/eos placement, truncation, hash, errors;
+found for a config (`tokenizer_path`)."""
 
 import argparse
 import io
@@ -15,9 +16,12 @@ from scalelab.data.tokenizer import (
     TOKENIZER_NAME,
     iter_captions,
     load_tokenizer,
+    tokenizer_path,
     train_tokenizer,
 )
 from scalelab.data.tokenizer_cli import add_tokenizer_command
+
+from ..conftest import data_cfg
 
 COLORS = ["red", "green", "blue", "yellow", "purple"]
 SHAPES = ["circle", "square", "triangle", "star"]
@@ -144,3 +148,11 @@ def test_cli(dataset, tmp_path, capsys):
     assert load_tokenizer(out).sha256 in capsys.readouterr().out
     bad = parser.parse_args(["tokenizer", str(tmp_path / "missing")])
     assert bad.func(bad) == 2
+
+
+def test_tokenizer_path_of_a_config(sources, tmp_path):
+    a, _ = sources
+    assert tokenizer_path(data_cfg([a])) == a / "tokenizer.json"  # next to the first source's manifest
+    assert tokenizer_path(data_cfg([tmp_path], tokenizer=str(a))) == a / "tokenizer.json"  # a directory
+    with pytest.raises(FileNotFoundError, match="scalelab data tokenizer"):
+        tokenizer_path(data_cfg([tmp_path]))

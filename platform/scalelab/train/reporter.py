@@ -1,0 +1,94 @@
+"""One metrics channel: the same keys to Ray (`ray.train.report`, which a sweep's live table reads) and
+to MLflow (rank 0), plus the progress line the driver shows and the checkpoint reports.
+
+`ray.train.report` is a barrier: every rank calls `report` at the same steps, with its checkpoint share
+at checkpoint steps (written to a local folder, which Ray merges on storage). MLflow gets each metric
+at step = global step, and only past the last step the run already holds: a restart replays the steps
+after its checkpoint bit for bit (checked here: a differing replayed loss is reported), and MLflow
+appends, so a replayed step would otherwise appear twice.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ray.train
+
+from scalelab.train.checkpoint import RunState, checkpoint_name
+from scalelab.train.plan import WorkerPlan
+
+__all__ = ["Reporter"]
+
+
+class Reporter:
+    """Every rank has one; only rank 0's talks to MLflow and the console."""
+
+    def __init__(self, plan: WorkerPlan, rank: int, run: RunState) -> None:
+        self.cfg, self.rank = plan.experiment, rank
+        self.handle: Any = None
+        if rank == 0 and plan.mlflow_run_id and plan.tracking_uri:
+            from scalelab.tracking import RunHandle
+
+            self.handle = RunHandle(plan.tracking_uri, plan.mlflow_run_id)
+        self._t0, self._s0 = time.perf_counter(), run.step
+        self._logged = self.handle.last_steps() if self.handle else {}
+        self._logged_loss = self.handle.history("train/loss") if "train/loss" in self._logged else {}
+
+    def say(self, text: str) -> None:
+        """A line on the driver's console (rank 0 only)."""
+        if self.rank != 0:
+            return
+        # Straight to the process's stdout (Ray forwards it to the driver): Ray Train patches `print`
+        # to also log, and with MLflow wrapping sys.stdout every line would appear twice.
+        sys.__stdout__.write(f"[{self.cfg.name}] {text}\n")
+        sys.__stdout__.flush()
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        """Training metrics of a logging step: the rate, MLflow, the progress line."""
+        rate = (step - self._s0) * self.cfg.train.global_batch / max(time.perf_counter() - self._t0, 1e-9)
+        metrics["train/samples_per_s"] = rate
+        if self.rank != 0:
+            return
+        if self.handle:
+            values = {k: float(v) for k, v in metrics.items() if v is not None}
+            self.handle.log_metrics(values, step, logged=self._logged)
+            before = self._logged_loss.get(step)
+            if before is not None and repr(before) != repr(values["train/loss"]):  # exact; NaN == NaN
+                self.say(f"warning: replayed step {step} gives loss {values['train/loss']!r}, the run logged "
+                         f"{before!r} (kept): this run is not reproducible here")
+        left = (self.cfg.train.steps - step) * self.cfg.train.global_batch / max(rate, 1e-9)
+        self.say(f"step {step}/{self.cfg.train.steps} | loss {metrics['train/loss']:.4f} | "
+                 f"{rate:.1f} samples/s | ETA {_clock(left)}")
+
+    def log_eval(self, metrics: dict[str, float] | None, step: int, final: bool) -> None:
+        if not metrics or self.rank != 0:
+            return
+        if self.handle:
+            self.handle.log_metrics(metrics, step, logged=self._logged)
+            if final:
+                self.handle.log_dict(metrics, "eval/final.json")
+        shown = {k.removeprefix("eval/"): v for k, v in metrics.items() if k.endswith(("top1", "i2t_r1"))}
+        self.say("eval " + " | ".join(f"{k} {v:.3f}" for k, v in sorted(shown.items())))
+
+    def report(self, run: RunState, metrics: dict[str, Any], evaluated: dict[str, float] | None,
+               save: Callable[[str], None] | None = None) -> None:
+        """`ray.train.report` with the MLflow keys (and `step`, MLflow's x-axis); with `save`, this
+        rank's checkpoint share written by `save(folder)` goes with it."""
+        report = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+        report.update({"step": run.step, **(evaluated or {})})
+        if save is None:
+            ray.train.report(report)
+            return
+        with tempfile.TemporaryDirectory(prefix="scalelab-ckpt-") as tmp:
+            save(tmp)
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=checkpoint_name(run.step))
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
