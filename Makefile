@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export DS_ACCELERATOR := cpu
 
-.PHONY: venv sysdeps test demo lint bench clean
+.PHONY: venv sysdeps test test-fast demo lint bench clean
 
 # Debian packages the tests use: Fashion-MNIST (real labelled images for the labels->text tests), the
 # Tango icon theme (real image-text pairs for the bring-your-own-data test, tests/test_own_data.py) and
@@ -49,6 +49,10 @@ sysdeps:
 
 test: lint sysdeps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The edit loop: everything not marked `slow` (no multi-process training, sweeps, jobs or browser).
+test-fast: lint
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/scalelab demo

@@ -206,13 +206,11 @@ def _assert_copies_untouched(temp: Path, expected: set[str]) -> None:
 def test_relative_storage_without_root_is_refused(ray_head, project):
     address, temp = ray_head
     before = _files(project)
-    started = time.monotonic()
     job_id, done = _submit(address, project, {})
     status, logs = _job(address, job_id)
     assert done.returncode != 0 and status == "FAILED", f"{status}\n{logs[-3000:]}"
     assert "storage='runs' is relative, and this is a Ray job running in a temporary working dir" in logs
     assert "set SCALELAB_ROOT in the job's runtime env" in logs
     assert f"[{SWEEP}]" not in logs  # refused before the sweep planned its trials or opened a run
-    assert time.monotonic() - started < 120
     assert _files(project) == before
     _assert_copies_untouched(temp, before)
