@@ -15,6 +15,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# As `ensure_ray` sets for the local instance it starts (the tests start theirs with ray.init): one
+# machine, nothing to preempt, so no preemption-watcher actor per run.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 from scalelab.config import ExperimentConfig, deep_merge, validate  # after the env defaults
 
@@ -56,40 +59,75 @@ def _smoke_config(world: Path, storage: Path, overrides: dict[str, Any]) -> Expe
     return validate(ExperimentConfig, deep_merge(data, overrides))
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """A 2-CPU local Ray instance for the module (launch() reuses an initialised Ray)."""
+# One local Ray for the whole session (started by the first test that needs it): each start costs
+# seconds, and its idle workers are reused by later tests' Ray Data tasks. A test that must see Ray
+# down (`no_ray`) shuts it; the next test that needs it starts it again.
+_RAY_TEMP: list[str] = []
+
+
+def _ensure_ray() -> None:
     import ray
 
-    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must stay short
-    ray.init(num_cpus=2, object_store_memory=400_000_000, include_dashboard=False, _temp_dir=temp)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
+    if ray.is_initialized():
+        return
+    _RAY_TEMP.append(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # Ray's socket paths must stay short
+    ray.init(num_cpus=2, object_store_memory=400_000_000, include_dashboard=False, _temp_dir=_RAY_TEMP[-1],
+             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}})
+
+
+def _stop_ray() -> None:
+    import ray
+
+    ray.shutdown()
+    while _RAY_TEMP:
+        shutil.rmtree(_RAY_TEMP.pop(), ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def _ray_owner():
+    """Shuts the session's Ray down at the end."""
+    yield
+    _stop_ray()
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(request):
-    """A 2-CPU local Ray for a module that runs its own functions in Ray Train workers: the module is
+def local_ray(_ray_owner):
+    """A 2-CPU local Ray instance (launch() reuses an initialised Ray)."""
+    _ensure_ray()
+
+
+@pytest.fixture
+def no_ray():
+    """Ray not initialised in this process (what a fresh `scalelab` command sees)."""
+    _stop_ray()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(request, _ray_owner):
+    """The local Ray, for a module that runs its own functions in Ray Train workers: the module is
     pickled by value (workers cannot import test modules: pytest puts tests/ on the driver's path only)."""
     import sys
 
-    import ray
     from ray import cloudpickle
 
+    _ensure_ray()
     module = sys.modules[request.module.__name__]
     cloudpickle.register_pickle_by_value(module)
-    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths are length-limited
-    ray.init(num_cpus=2, object_store_memory=300_000_000, include_dashboard=False, _temp_dir=temp_dir,
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}})
     try:
         yield
     finally:
-        ray.shutdown()
         cloudpickle.unregister_pickle_by_value(module)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(smoke_config, tmp_path_factory, _ray_owner):
+    """experiments/smoke.yaml trained once for the session (30 steps, 2 workers, ZeRO-2, every eval):
+    the smoke test, the export tests and the eval tests read the same run."""
+    from scalelab.train.launch import launch
+
+    _ensure_ray()
+    cfg = smoke_config(tmp_path_factory.mktemp("smoke_runs"))
+    return cfg, launch(cfg, verbose=False)
 
 
 @pytest.fixture(scope="session")

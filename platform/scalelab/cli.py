@@ -169,7 +169,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _evaluate_checkpoint(model: Any, tokenizer: Any, defaults: dict[str, Any],
                          args: argparse.Namespace) -> dict[str, float]:
-    """The training loop's evaluation (`loop._Evaluator`) with the config's eval section as defaults."""
+    """The training loop's evaluation (`train/evaluator.py`) with the config's eval section as defaults."""
     from scalelab.eval import evaluate_retrieval, evaluate_sets
 
     sets = dict(defaults.get("sets") or {})

@@ -109,6 +109,16 @@ def find_run_by_tag(tracking_uri: str, experiment_id: str, key: str, value: str)
     return runs[0].info.run_id if runs else None
 
 
+def finished_run(tracking_uri: str, experiment_name: str, key: str, value: str) -> str | None:
+    """The id of the run tagged (key, value) when it exists and is FINISHED; None otherwise."""
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    run_id = experiment and find_run_by_tag(tracking_uri, experiment.experiment_id, key, value)
+    if run_id and client.get_run(run_id).info.status == "FINISHED":
+        return run_id
+    return None
+
+
 def start_or_resume_run(
     tracking_uri: str,
     experiment_id: str,

@@ -1,5 +1,6 @@
 """`scalelab export` / `scalelab eval --checkpoint`: real runs (local Ray, DeepSpeed ZeRO on CPU) exported
-and re-evaluated must reproduce the end-of-training metrics exactly, for ZeRO-0, -2 and -3."""
+and re-evaluated must reproduce the end-of-training metrics exactly, for ZeRO-0, -2 and -3. The ZeRO-2
+run is the session's smoke run (2 workers, every eval set and retrieval), shared with test_launch."""
 
 from __future__ import annotations
 
@@ -22,24 +23,27 @@ REPO = Path(__file__).resolve().parents[2]
 # Fewer steps than the smoke run: enough for the weights to move far from the initialisation.
 _SHORT = {"train": {"steps": 6}, "eval": {"every_steps": None}, "run": {"checkpoint_every": 3}}
 _RUNS = {
-    "zero2": {},  # the smoke defaults: 2 workers, ZeRO-2, fp32
-    # One worker keeps the file near 3 minutes (a 2-worker launch costs ~100 s on 2 CPUs, one ~55 s);
-    # the zero2 run already stitches partitions from 2 ranks.
+    "zero2": None,  # the smoke run: 2 workers, ZeRO-2, fp32, 30 steps
+    # One worker each (a 2-worker launch costs more start-up on 2 CPUs); the zero2 run already
+    # stitches partitions from 2 ranks.
     "zero3": {"train": {"zero_stage": 3, "num_workers": 1}},
     "zero0": {"train": {"zero_stage": 0, "num_workers": 1}},
 }
 
 
 @pytest.fixture(scope="module")
-def trained(smoke_config, local_ray, tmp_path_factory) -> dict[str, Any]:
-    """One short run per ZeRO stage; name → (TrainResult, its latest checkpoint, an export of it)."""
+def trained(smoke_config, smoke_run, local_ray, tmp_path_factory) -> dict[str, Any]:
+    """One run per ZeRO stage; name → (TrainResult, its latest checkpoint, an export of it)."""
     from scalelab.train.launch import launch
 
     storage = tmp_path_factory.mktemp("export_runs")
     out = {}
     for name, overrides in _RUNS.items():
-        cfg = smoke_config(storage, deep_merge(deep_merge(_SHORT, {"name": name}), overrides))
-        result = launch(cfg, verbose=False)
+        if overrides is None:
+            result = smoke_run[1]
+        else:
+            result = launch(smoke_config(storage, deep_merge(deep_merge(_SHORT, {"name": name}), overrides)),
+                            verbose=False)
         checkpoint = latest_checkpoint(result.run_dir)
         exported = export_checkpoint(checkpoint, storage / f"{name}_export")
         out[name] = (result, checkpoint, exported)
@@ -64,7 +68,7 @@ def _assert_same_metrics(got: dict[str, float], want: dict[str, float]) -> None:
 @pytest.mark.parametrize("name", list(_RUNS))
 def test_exported_model_reproduces_final_metrics(name, trained, capsys):
     result, checkpoint, exported = trained[name]
-    assert read_run_state(checkpoint).step == 6
+    assert read_run_state(checkpoint).step == result.step == (30 if name == "zero2" else 6)
     _assert_same_metrics(_eval_json(capsys, exported), result.final_metrics)
 
 
@@ -72,7 +76,7 @@ def test_exported_model_reproduces_final_metrics(name, trained, capsys):
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("name", list(_RUNS))
 def test_exported_weights_are_the_fp32_training_weights(name, trained):
-    exported = trained[name][2]
+    result, _, exported = trained[name]
     assert is_exported(exported)
     model, _, config = load_exported(exported)  # strict load inside
     state = torch.load(exported / "model.pt", weights_only=True)
@@ -84,7 +88,7 @@ def test_exported_weights_are_the_fp32_training_weights(name, trained):
         assert torch.isfinite(value).all(), key
     moved = [k for k in state if not torch.equal(state[k], fresh[k])]
     assert len(moved) > 0.9 * len(state)  # trained: almost every tensor left its initial value
-    assert not model.training and config["step"] == 6 and config["model"]["name"] == "micro"
+    assert not model.training and config["step"] == result.step and config["model"]["name"] == "micro"
     assert config["experiment"]["train"]["zero_stage"] == int(name[-1])
     assert config["weights"] == ("module" if name == "zero0" else "zero_to_fp32")
 

@@ -1,7 +1,8 @@
 """Whole training runs on real local Ray (2 workers, 0.5 CPU each), DeepSpeed on CPU, MLflow on sqlite.
 
-- smoke: ~30 steps learn (the loss falls below chance), eval metrics, params, artifacts in one MLflow run;
-  a re-run of the finished run trains nothing and opens no second run.
+- smoke (the session's shared run, conftest): 30 steps learn (the loss falls below chance), eval
+  metrics, params, artifacts in one MLflow run; a re-run of the finished run trains nothing and opens
+  no second run.
 - same seed, same run: one uninterrupted run (2 workers, augmentation, dropout, stochastic depth,
   evaluation on rank 0) is the reference for two interrupted ones — a worker raising mid-run (Ray
   restarts the group from the last checkpoint) and a driver SIGKILL with every process it started (the
@@ -48,11 +49,10 @@ def _fp32_params(checkpoint: Path) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint / "deepspeed"), tag="state")
 
 
-def test_smoke_run_learns_evaluates_and_logs_one_mlflow_run(smoke_config, tmp_path, local_ray):
+def test_smoke_run_learns_evaluates_and_logs_one_mlflow_run(smoke_run, local_ray):
     from scalelab.train.launch import launch
 
-    cfg = smoke_config(tmp_path)
-    result = launch(cfg, verbose=False)
+    cfg, result = smoke_run  # the session's smoke run (conftest), also exported by test_export
     assert (result.step, result.samples_seen) == (30, 30 * 64)
 
     client, runs = _runs(result.tracking_uri, "smoke")

@@ -23,6 +23,10 @@ from scalelab.train.preflight import (
     starts_local_ray,
 )
 
+# In-process `scalelab train` must see what a fresh command sees: no Ray yet (the session's shared one
+# is shut for these tests; the next test that needs it starts it again).
+pytestmark = pytest.mark.usefixtures("no_ray")
+
 
 def _write(cfg: ExperimentConfig, path: Path) -> Path:
     path.write_text(yaml.safe_dump(cfg.to_dict()))
@@ -76,12 +80,11 @@ def _refused(config: Path, sets: list[str], capsys) -> str:
     """`scalelab train` in this process: exit 2 and one line on stderr naming the problem; no Ray."""
     from scalelab.cli import main
 
-    ray_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     rc = main(["train", str(config), *[f"--set={s}" for s in sets]])
     err = capsys.readouterr().err
     assert rc == 2, err
     assert err.startswith("scalelab: config error: ") and err.count("\n") == 1, err
-    assert ray_before or not ("ray" in sys.modules and sys.modules["ray"].is_initialized())
+    assert not ("ray" in sys.modules and sys.modules["ray"].is_initialized())
     return err
 
 

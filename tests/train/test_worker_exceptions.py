@@ -72,7 +72,7 @@ CLASSIFIED: dict[tuple[str, str, str], tuple[str, Any]] = {
     ("train/stream", "next", "RunStopped"): (RT, "too many bad samples in an epoch for a full batch on some "
                                            "rank: depends on the data's content; stops once, no retry"),
     ("train/stream", "next", "AssertionError"): (INT, "unreachable end of a two-pass loop"),
-    ("train/faults", "maybe_inject_failure", "RuntimeError"): (INT, "the test hook's injected failure"),
+    ("train/faults", "maybe_inject_fault", "RuntimeError"): (INT, "the test hook's injected failure"),
     ("train/resume", "decide_resume", "ConfigError"): (PRE, "an incompatible re-run: check_resume "
                                                        "(tests/train/test_preflight.py)"),
     # --- the step and the engine

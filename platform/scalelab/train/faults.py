@@ -1,26 +1,38 @@
-"""Fault injection for tests: the one hook through which a test makes a training worker fail.
+"""Fault injection for tests: the one hook (`maybe_inject_fault`) through which a test makes a training
+worker fail or stop where it can be killed.
 
-With `SCALELAB_FAIL_AT_STEP=k` in the worker environment (`launch.worker_env` passes these variables
-through), rank `SCALELAB_FAIL_RANK` (default 0) raises once when it reaches step k, leaving the marker
-file `SCALELAB_FAIL_MARKER` so that the worker group Ray restarts runs on. The error is an ordinary
-`RuntimeError`: Ray retries it like a crashed worker, which is what the tests exercise.
+`launch.worker_env` passes these variables through to the workers; without them the hook does nothing.
+
+- Fail: with `SCALELAB_FAIL_AT_STEP=k`, rank `SCALELAB_FAIL_RANK` (default 0) raises once when it
+  reaches step k, leaving the marker file `SCALELAB_FAIL_MARKER` so that the worker group Ray restarts
+  runs on. The error is an ordinary `RuntimeError`: Ray retries it like a crashed worker.
+- Hold: with `SCALELAB_HOLD_AT_STEP=k` and `SCALELAB_HOLD_RUN=<run name>`, every worker of that run
+  waits at step k (after its step-k checkpoint) until it is killed: a deterministic point at which a
+  test kills a driver mid-run, however fast the steps are.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
-__all__ = ["FAIL_AT_STEP_ENV", "FAIL_MARKER_ENV", "FAIL_RANK_ENV", "FAULT_ENV", "maybe_inject_failure"]
+__all__ = ["FAIL_AT_STEP_ENV", "FAIL_MARKER_ENV", "FAIL_RANK_ENV", "FAULT_ENV", "HOLD_AT_STEP_ENV",
+           "HOLD_RUN_ENV", "maybe_inject_fault"]
 
 FAIL_AT_STEP_ENV = "SCALELAB_FAIL_AT_STEP"
 FAIL_RANK_ENV = "SCALELAB_FAIL_RANK"
 FAIL_MARKER_ENV = "SCALELAB_FAIL_MARKER"
-FAULT_ENV = (FAIL_AT_STEP_ENV, FAIL_RANK_ENV, FAIL_MARKER_ENV)
+HOLD_AT_STEP_ENV = "SCALELAB_HOLD_AT_STEP"
+HOLD_RUN_ENV = "SCALELAB_HOLD_RUN"
+FAULT_ENV = (FAIL_AT_STEP_ENV, FAIL_RANK_ENV, FAIL_MARKER_ENV, HOLD_AT_STEP_ENV, HOLD_RUN_ENV)
 
 
-def maybe_inject_failure(step: int, rank: int) -> None:
-    """Raise once at the configured step on the configured rank (a no-op without the variables)."""
+def maybe_inject_fault(step: int, rank: int, run_name: str) -> None:
+    """Called before each step with the steps done so far: fail or hold as configured (see above)."""
+    if os.environ.get(HOLD_RUN_ENV) == run_name and os.environ.get(HOLD_AT_STEP_ENV) == str(step):
+        while True:  # until the test kills this process
+            time.sleep(1.0)
     at = os.environ.get(FAIL_AT_STEP_ENV)
     if at is None or int(at) != step or int(os.environ.get(FAIL_RANK_ENV, "0")) != rank:
         return

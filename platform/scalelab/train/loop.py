@@ -26,7 +26,7 @@ from scalelab.train.checkpoint import RankState, RunState, read_run_state
 from scalelab.train.compute import training_macs
 from scalelab.train.evaluator import Evaluator
 from scalelab.train.failures import Failure, RunStopped, write_failure
-from scalelab.train.faults import maybe_inject_failure
+from scalelab.train.faults import maybe_inject_fault
 from scalelab.train.plan import WorkerPlan
 from scalelab.train.reporter import Reporter
 from scalelab.train.step import NonFiniteGuard, NonFiniteRunError
@@ -76,7 +76,7 @@ def _train(me: _Worker, task: Any, run: RunState, mine: RankState, reporter: Rep
     if run.nonfinite:
         guard.load_state_dict(run.nonfinite)
     while run.step < plan.steps:
-        maybe_inject_failure(run.step, me.rank)
+        maybe_inject_fault(run.step, me.rank, cfg.name)
         metrics = task.step(stream.next(), run.step)
         run.advance(cfg.train.global_batch)  # a skipped step advances too: its batch was consumed
         last = run.step == plan.steps

@@ -9,7 +9,6 @@ import io
 import logging
 import shutil
 import tarfile
-import tempfile
 from collections import Counter
 
 import numpy as np
@@ -159,20 +158,8 @@ def bad_dataset(tmp_path_factory):
 
 
 # --------------------------------------------------------------------------- Ray
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must stay short
-    ray.init(num_cpus=2, object_store_memory=500_000_000, include_dashboard=False, _temp_dir=temp,
-             log_to_driver=False)
-    yield
-    ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
-
-
 @pytest.mark.slow
-def test_rows_and_batches_same_subset_every_epoch(ray_session, sources):
+def test_rows_and_batches_same_subset_every_epoch(local_ray, sources):
     a, _ = sources
     cfg = data_cfg([a], n_pairs=100, seed=2)
     rows0 = build_dataset(cfg, epoch=0).take_all()
@@ -191,7 +178,7 @@ def test_rows_and_batches_same_subset_every_epoch(ray_session, sources):
 
 
 @pytest.mark.slow
-def test_resume_reproduces_the_remaining_order(ray_session, sources):
+def test_resume_reproduces_the_remaining_order(local_ray, sources):
     a, b = sources
     cfg = data_cfg([a, b], [2.0, 1.0], n_pairs=120, seed=4)
     full = list(iter_train_batches(build_dataset(cfg, epoch=3), 8))
@@ -207,7 +194,7 @@ def test_resume_reproduces_the_remaining_order(ray_session, sources):
 
 
 @pytest.mark.slow
-def test_mixing_and_rank_split(ray_session, sources):
+def test_mixing_and_rank_split(local_ray, sources):
     a, b = sources
     cfg = data_cfg([a, b], [3.0, 1.0], seed=6)  # 120 + 40
     whole = list(iter_train_batches(build_dataset(cfg, epoch=0), 16))
@@ -221,7 +208,7 @@ def test_mixing_and_rank_split(ray_session, sources):
 
 
 @pytest.mark.slow
-def test_bad_samples_are_skipped_and_counted(ray_session, sources, bad_dataset):
+def test_bad_samples_are_skipped_and_counted(local_ray, sources, bad_dataset):
     a, _ = sources
     cfg = data_cfg([bad_dataset["dir"]], tokenizer=str(a / "tokenizer.json"))
     it = iter_train_batches(build_dataset(cfg, epoch=0), 4)
@@ -244,7 +231,7 @@ def _same_batches(want: list, got: list) -> None:
 
 
 @pytest.mark.slow
-def test_cached_epochs_equal_the_ray_data_epochs(ray_session, sources, bad_dataset):
+def test_cached_epochs_equal_the_ray_data_epochs(local_ray, sources, bad_dataset):
     """data.cache: the same batches, in the same order, per epoch and rank, resumed mid-epoch, with the
     same bad rows counted — decoded once instead of once per epoch."""
     a, b = sources
@@ -264,7 +251,7 @@ def test_cached_epochs_equal_the_ray_data_epochs(ray_session, sources, bad_datas
 
 
 @pytest.mark.slow
-def test_synth_validate_tokenize_pipeline_train_step(ray_session, tmp_path):
+def test_synth_validate_tokenize_pipeline_train_step(local_ray, tmp_path):
     """The embedded default end to end: synthetic world → validate → tokenizer → Ray pipeline →
     exact-size batches that a model preset consumes in a cached step."""
     from scalelab.data.synth import generate_world
