@@ -1,16 +1,31 @@
-"""The `scalelab` command, run as a user runs it (a subprocess through the console script)."""
+"""The `scalelab` command: once as a user runs it (a subprocess through the console script), the rest
+through `cli.main` in this process (the same code after the entry point, without an interpreter start
+per test)."""
 
+import contextlib
+import io
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+from scalelab.cli import main
 
 SCALELAB = shutil.which("scalelab", path=str(Path(sys.executable).parent)) or "scalelab"
 
 
-def _run(*args):
+def _console_script(*args):
     return subprocess.run([SCALELAB, *args], capture_output=True, text=True, timeout=600)
+
+
+def _run(*args):
+    """`scalelab *args` in this process: its exit code and what it printed."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(args))
+    return SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def test_models_lists_every_preset_with_counts():
@@ -33,7 +48,7 @@ def test_config_resolves_the_preset(tmp_path):
 
 
 def test_bad_preset_is_a_clear_config_error():
-    out = _run("config", "--set", "model.preset=gigantic")
+    out = _console_script("config", "--set", "model.preset=gigantic")
     assert out.returncode == 2
     assert "model.preset" in out.stderr and "gigantic" in out.stderr and "micro" in out.stderr
     assert "Traceback" not in out.stderr

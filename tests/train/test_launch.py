@@ -159,24 +159,6 @@ def test_worker_failure_restarts_from_checkpoint_and_matches_uninterrupted_run(
     _assert_same_run(faulty, uninterrupted)
 
 
-def test_cached_data_trains_exactly_like_the_ray_data_stream(smoke_config, tmp_path, local_ray):
-    """data.cache in the training loop: same rows, same order across epochs → identical loss history."""
-    from scalelab.train.launch import launch
-
-    def run(name: str, cache: bool):
-        data = {"n_pairs": 256, "augment": False, "cache": cache}
-        cfg = smoke_config(tmp_path, {"name": name, "data": data, "train": {"steps": 10, "num_workers": 1},
-                                      "run": {"log_every": 1, "checkpoint_every": 10}})
-        return launch(cfg.model_copy(update={"eval": EvalConfig()}), verbose=False)
-
-    plain, cached = run("streamed", False), run("cached", True)
-    client, _ = _runs(plain.tracking_uri, "streamed")
-    want = _history(client, plain.mlflow_run_id, "train/loss")
-    got = _history(client, cached.mlflow_run_id, "train/loss")
-    assert len(want) == 10 and [e for e, _ in want] == list(range(1, 11))  # 2.5 epochs of 4 steps
-    assert got == want
-
-
 def test_driver_sigkill_then_same_command_resumes(smoke_config, tmp_path, kill_session, uninterrupted):
     """Killed after its step-5 checkpoint (driver, local Ray and workers at once), the same command again
     finishes the run into the same MLflow run: the run before the kill repeats `uninterrupted` (another

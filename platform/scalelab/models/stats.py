@@ -12,6 +12,7 @@ the training code applies that factor (and the gradient cache's extra forward) i
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -59,6 +60,14 @@ def _forward_macs(fn: Any, *inputs: torch.Tensor) -> int:
 def preset_stats(name_or_spec: str | ModelSpec) -> ModelStats:
     """Parameters and forward MACs per sample of a preset (by name) or of a spec, without weights."""
     spec = get_spec(name_or_spec) if isinstance(name_or_spec, str) else name_or_spec
+    return _stats(spec.model_dump_json())
+
+
+# A sweep asks for the same few specs once per trial, and basic-l takes seconds: keyed by the spec's
+# JSON (a spec holds dicts, so it is not hashable itself).
+@functools.lru_cache(maxsize=64)
+def _stats(spec_json: str) -> ModelStats:
+    spec = ModelSpec.model_validate_json(spec_json)
     meta = torch.device("meta")
     with meta:
         model = build_model(spec).eval()
