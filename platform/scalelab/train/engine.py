@@ -3,7 +3,11 @@
 The process group is created before this is called: by Ray Train inside a worker (gloo on CPU, nccl
 on GPU), or by a test. `deepspeed.init_distributed` then reuses it instead of creating a second one.
 On CPU, `DS_ACCELERATOR=cpu` must be set in the environment before deepspeed is imported (the worker's
-runtime env), and the first init JIT-compiles a small communication op once per machine (~60 s).
+runtime env). DeepSpeed's communication backend would JIT-compile its shared-memory all-reduce op
+(`deepspeed_shm_comm`) when it starts: ~27 s on 2 cores on a machine's first run, and again whenever a
+process finds another `ninja` first on its PATH (the venv's vs the system's: a Ray job's workers). Only
+DeepSpeed-Inference's all-reduce uses that op, never training, so it is marked unavailable here
+(`_skip_inference_comm_op`) and nothing is compiled.
 
 The optimizer is a torch one from `build_optimizer`, passed in: a DeepSpeed config "optimizer" section
 would JIT-build DeepSpeed's own fused ops, and the learning rate is set each step by `schedule.apply_lr`
@@ -48,6 +52,7 @@ def build_engine(model: nn.Module, cfg: ExperimentConfig, *, world_size: int) ->
             raise ValueError(f"world_size={world_size} but the process group has {actual} ranks")
     elif world_size != 1:
         raise RuntimeError(f"world_size={world_size} needs an initialised torch.distributed process group")
+    _skip_inference_comm_op()
     # Reuses an existing process group; with none (one process) it creates a single-rank gloo group.
     deepspeed.init_distributed(dist_backend="gloo" if _on_cpu() else None)
 
@@ -59,6 +64,15 @@ def build_engine(model: nn.Module, cfg: ExperimentConfig, *, world_size: int) ->
     optimizer = build_optimizer(model, cfg.optim)
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine, ds_optimizer
+
+
+def _skip_inference_comm_op() -> None:
+    """Mark DeepSpeed's shared-memory all-reduce op unavailable (module docstring): its backend then
+    neither builds nor loads it. DeepSpeed keeps the probed op table in one module-level dict, which it
+    documents as editable."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def begin_micro_step(engine: Any) -> None:
