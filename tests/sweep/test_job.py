@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -68,14 +67,12 @@ def _stop_head(temp: str) -> None:
     for p in mine:
         with contextlib.suppress(psutil.Error):
             procs.update({c.pid: c for c in p.children(recursive=True)})
+    # SIGKILL at once: nothing of a test's head needs a clean exit, and some of its processes take the
+    # whole grace period of a SIGTERM.
     for p in procs.values():
         with contextlib.suppress(psutil.Error):
-            p.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(list(procs.values()), timeout=5)
-    for p in alive:
-        with contextlib.suppress(psutil.Error):
             p.kill()
-    psutil.wait_procs(alive, timeout=5)
+    psutil.wait_procs(list(procs.values()), timeout=10)
 
 
 @pytest.fixture(scope="module")

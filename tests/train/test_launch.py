@@ -4,11 +4,12 @@
   metrics, params, artifacts in one MLflow run; a re-run of the finished run trains nothing and opens
   no second run.
 - same seed, same run: one uninterrupted run (2 workers, augmentation, dropout, stochastic depth,
-  evaluation on rank 0) is the reference for two interrupted ones — a worker raising mid-run (Ray
-  restarts the group from the last checkpoint) and a driver SIGKILL with every process it started (the
-  same command again resumes). Each must end with bit-identical fp32 parameters and log every step
-  exactly once, with bit-identical losses, gradient norms and evaluations. The killed run's steps
-  before the kill also show that two independent runs (other processes, another Ray) agree.
+  evaluation on rank 0) is the reference for a run interrupted twice: its driver is SIGKILLed with
+  every process it started (held at step 7 by the test hook), the same command again resumes from the
+  step-5 checkpoint, and there a worker raises at step 8 (Ray restarts the group from that checkpoint).
+  It must end with bit-identical fp32 parameters and log every step exactly once, with bit-identical
+  losses, gradient norms and evaluations. Its steps before the kill also show that two independent
+  runs (other processes, another Ray) agree.
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ import yaml
 
 from scalelab.config import EvalConfig
 from scalelab.train.checkpoint import latest_checkpoint, read_run_state
+from scalelab.train.faults import (
+    FAIL_AT_STEP_ENV,
+    FAIL_MARKER_ENV,
+    FAIL_RANK_ENV,
+    HOLD_AT_STEP_ENV,
+    HOLD_RUN_ENV,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -136,55 +144,43 @@ def _assert_same_run(got, want) -> None:
 
 @pytest.fixture(scope="module")
 def uninterrupted(smoke_config, tmp_path_factory, local_ray):
-    """The reference for the restarted runs below (one run, shared by both tests)."""
+    """The reference for the interrupted run below."""
     from scalelab.train.launch import launch
 
     return launch(_resumable_config(smoke_config, tmp_path_factory.mktemp("steady"), "steady"), verbose=False)
 
 
-def test_worker_failure_restarts_from_checkpoint_and_matches_uninterrupted_run(
-    smoke_config, tmp_path, local_ray, monkeypatch, uninterrupted
+def test_driver_sigkill_then_a_worker_failure_and_the_run_equals_the_uninterrupted_one(
+    smoke_config, tmp_path, kill_session, uninterrupted
 ):
-    from scalelab.train.launch import launch
-
-    marker = tmp_path / "failed-once"
-    monkeypatch.setenv("SCALELAB_FAIL_AT_STEP", "8")  # after the step-5 checkpoint and the step-6 eval
-    monkeypatch.setenv("SCALELAB_FAIL_RANK", "1")
-    monkeypatch.setenv("SCALELAB_FAIL_MARKER", str(marker))
-    faulty = launch(_resumable_config(smoke_config, tmp_path, "faulty"), verbose=False)
-
-    assert marker.read_text() == "8"  # the failure really happened
-    assert (faulty.step, faulty.samples_seen) == (12, 12 * 64)
-    # Steps 6-8 ran twice (before the failure and after the restart from step 5): same values, logged once.
-    _assert_same_run(faulty, uninterrupted)
-
-
-def test_driver_sigkill_then_same_command_resumes(smoke_config, tmp_path, kill_session, uninterrupted):
-    """Killed after its step-5 checkpoint (driver, local Ray and workers at once), the same command again
-    finishes the run into the same MLflow run: the run before the kill repeats `uninterrupted` (another
-    process, another Ray) and the resumed part continues it, to the last bit."""
+    """Killed at step 7, after its step-5 checkpoint (driver, local Ray and workers at once), the same
+    command again resumes at step 5; there rank 1 raises at step 8 and Ray restarts the worker group
+    from step 5 again. The run ends in its first MLflow run, equal to `uninterrupted` to the last bit:
+    steps 6-7 ran three times and step 8 twice, each logged once."""
     cfg = _resumable_config(smoke_config, tmp_path / "runs", "killed")
     config = tmp_path / "killed.yaml"
     config.write_text(yaml.safe_dump(cfg.to_dict()))
     command = [sys.executable, "-m", "scalelab.cli", "train", str(config), "--ray", "local"]
     env = {**os.environ, "RAY_TMPDIR": "/tmp"}
+    held = {**env, HOLD_RUN_ENV: "killed", HOLD_AT_STEP_ENV: "7"}
     log = (tmp_path / "first.log").open("w")
-    driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=held, start_new_session=True)
     run_dir = tmp_path / "runs" / "killed"
     deadline = time.monotonic() + 600
-    # Killed once step 7 is logged: steps 6-7 and the step-6 eval are in MLflow and come again on resume.
     while latest_checkpoint(run_dir) is None or "step 7/12" not in (tmp_path / "first.log").read_text():
         assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         assert time.monotonic() < deadline, "no step 7 within 10 minutes"
         time.sleep(0.2)
     kill_session(driver.pid)
     driver.wait(timeout=60)
-    killed_at = read_run_state(latest_checkpoint(run_dir)).step
-    assert killed_at in (5, 10)
+    assert read_run_state(latest_checkpoint(run_dir)).step == 5
 
-    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    marker = tmp_path / "failed-once"
+    failing = {**env, FAIL_AT_STEP_ENV: "8", FAIL_RANK_ENV: "1", FAIL_MARKER_ENV: str(marker)}
+    second = subprocess.run(command, capture_output=True, text=True, env=failing, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert f"resuming the interrupted run at step {killed_at}/12" in second.stdout
+    assert "resuming the interrupted run at step 5/12" in second.stdout
+    assert marker.read_text() == "8"  # the worker failure really happened
     final = read_run_state(latest_checkpoint(run_dir))
     assert (final.step, final.samples_seen, final.finished) == (12, 12 * 64, True)
 
