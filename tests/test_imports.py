@@ -5,6 +5,7 @@ tracking.py and sweep/. The direction of imports between scalelab's own packages
 """
 
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -59,26 +60,69 @@ def test_the_scanner_sees_imports(tmp_path):
     assert _imported_roots(probe) == {"ray", "mlflow", "deepspeed"}
 
 
+# One interpreter imports the heavy dependencies every module may use (none of them loads a framework:
+# checked), then forks a child per case that imports the case's modules and reports which frameworks
+# they loaded. A fresh interpreter per case would pay torch's import each time.
+_PROBE = """
+import importlib, json, os, sys
+import numpy, PIL.Image, pydantic, tokenizers, torch, timm  # the shared dependencies
+FRAMEWORKS = ("ray", "deepspeed", "mlflow")
+assert not [f for f in FRAMEWORKS if f in sys.modules], "a shared dependency loads a framework"
+out = {}
+for case, modules in json.loads(sys.argv[1]).items():
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        try:
+            for module in modules:
+                importlib.import_module(module)
+            found = [f for f in FRAMEWORKS if f in sys.modules]
+        except BaseException as err:
+            found = f"import failed: {err!r}"
+        os.write(write, json.dumps(found).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        out[case] = json.loads(pipe.read())
+    os.waitpid(pid, 0)
+print(json.dumps(out))
+"""
+
+
+def _lazy_imports(module: str) -> list[str]:
+    """The scalelab modules `module` imports anywhere, function bodies included."""
+    path = PACKAGE.joinpath(*module.split(".")[1:]).with_suffix(".py")
+    return sorted({name for name in _imported_modules(path) if name.startswith("scalelab.")})
+
+
+@pytest.fixture(scope="module")
+def loaded_frameworks() -> dict[str, list[str]]:
+    """case → the frameworks its imports loaded: each FRAMEWORK_FREE module alone, and each RAY_DATA_FREE
+    module with every scalelab module it imports inside functions (as a call would)."""
+    cases = {m: [m] for m in FRAMEWORK_FREE} | {f"{m}+lazy": [m, *_lazy_imports(m)] for m in RAY_DATA_FREE}
+    cases["probe check"] = ["scalelab.train.loop"]  # loads ray: the probe must say so
+    out = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(cases)], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("module", FRAMEWORK_FREE)
-def test_core_modules_load_no_framework(module):
-    code = (
-        f"import sys, {module}\n"
-        "bad = sorted(m for m in ('ray', 'deepspeed', 'mlflow') if m in sys.modules)\n"
-        "print(','.join(bad))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "", f"{module} pulled in: {out.stdout.strip()}"
+def test_core_modules_load_no_framework(module, loaded_frameworks):
+    assert loaded_frameworks[module] == [], f"{module} pulled in: {loaded_frameworks[module]}"
 
 
 @pytest.mark.parametrize("module", RAY_DATA_FREE)
-def test_driver_side_modules_do_not_load_ray(module):
-    # Their scalelab imports sit inside functions too: import every one of them, as a call would.
-    path = PACKAGE.joinpath(*module.split(".")[1:]).with_suffix(".py")
-    lazy = sorted({name for name in _imported_modules(path) if name.startswith("scalelab.")})
-    assert "scalelab.data.tokenizer" in lazy  # the scan sees the function-level imports
-    code = f"import sys, {', '.join([module, *lazy])}\nprint('ray' in sys.modules)\n"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False", f"{module} or its function-level imports pull in ray"
+def test_driver_side_modules_do_not_load_ray(module, loaded_frameworks):
+    assert "scalelab.data.tokenizer" in _lazy_imports(module)  # the scan sees the function-level imports
+    found = loaded_frameworks[f"{module}+lazy"]
+    assert isinstance(found, list) and "ray" not in found, f"{module} or its function-level imports: {found}"
+
+
+def test_the_probe_sees_a_framework_import(loaded_frameworks):
+    """The forked-child probe reports a framework a module loads (here ray, through train/loop.py)."""
+    assert "ray" in loaded_frameworks["probe check"]
 
 
 def test_no_platform_init():
