@@ -1,24 +1,46 @@
 """The Tune trial function: one grid point = one `train.launch` run, nested under the sweep's parent run.
 
-Runs inside a Tune trial actor. The Train run's own reports are forwarded to Tune by
-`TuneReportCallback` (the live table's samples seen, loss and, in the last one, the end-of-run
-metrics). A re-run (resumed sweep, errored trial) calls `launch` again: Ray Train finds the trial's
-checkpoints under its run name and continues; MLflow finds the child run by its `scalelab.trial` tag.
+Runs inside a Tune trial actor. A re-run (resumed sweep, errored trial) calls `launch` again: Ray Train
+finds the trial's checkpoints under its run name and continues; MLflow finds the child run by its
+`scalelab.trial` tag.
+
+Tune hears about the run from this function's own thread only. `launch` runs in a helper thread; a
+Ray Train callback (`_Forward`, in the Train controller) puts each Train report (the live table's
+samples seen, loss and, in the last one, the end-of-run metrics) into a Ray queue, and this thread
+reports them to Tune, the last ones after `launch` returned, before it returns itself. Ray's own
+`TuneReportCallback` hands reports to Tune from the trial's main thread instead, which deadlocks Ray
+Tune 2.60 when the function returns while a forwarded report is still queued: the function's final
+(implicit) report and the forwarded one each wait for the other in the size-1 result queue (seen in
+sweeps, both threads idle; likely once Train's worker poll is fast and `fit()` returns right after its
+last report).
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Any
 
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
+from ray.train import UserCallback
+from ray.util.queue import Empty, Queue
 
 from scalelab.config import ExperimentConfig, validate
-from scalelab.train.launch import launch
+from scalelab.train.launch import TrainResult, launch
 
 __all__ = ["run_trial"]
 
 TRIAL_TAG = "scalelab.trial"
+
+
+class _Forward(UserCallback):
+    """Runs in the Train controller: rank 0's metrics of every report into the trial's queue."""
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        self.queue.put(dict(metrics[0]))  # returns once the queue actor holds it
 
 
 def run_trial(config: dict[str, Any], *, experiments: dict[str, dict[str, Any]],
@@ -28,13 +50,32 @@ def run_trial(config: dict[str, Any], *, experiments: dict[str, dict[str, Any]],
     data, model, batch = axes[name]
     tags = {"sweep": sweep_name, "trial": name, "trial_id": tune.get_context().get_trial_id(),
             "axis.data": str(data), "axis.model": model, "axis.batch": str(batch)}
-    result = launch(cfg, parent_run_id=parent_run_id, tags=tags, run_key=(TRIAL_TAG, f"{sweep_name}/{name}"),
-                    verbose=False, callbacks=[TuneReportCallback()])
-    # Report here only when launch() trained nothing (a finished trial run again): otherwise the Train
-    # reports forwarded by TuneReportCallback already carry samples, loss and the final metrics, and a
-    # report from this thread can deadlock Ray Tune 2.60. The trial's main thread, the only reader of
-    # the result queue, hands a forwarded report to that queue itself and blocks there for good when
-    # this thread's report got in first (seen in a sweep: both threads waiting in Queue.put, load 0).
+    queue = Queue(actor_options={"num_cpus": 0})
+    outcome: dict[str, Any] = {}
+    done = threading.Event()
+
+    def train() -> None:
+        try:
+            outcome["result"] = launch(cfg, parent_run_id=parent_run_id, tags=tags,
+                                       run_key=(TRIAL_TAG, f"{sweep_name}/{name}"), verbose=False,
+                                       callbacks=[_Forward(queue)])
+        except BaseException as err:  # re-raised in this thread: Tune records the trial's error
+            outcome["error"] = err
+        finally:
+            done.set()
+
+    threading.Thread(target=train, name=f"launch-{name}", daemon=True).start()
+    # Every report is queued before fit() (and so launch) returns: drained after `done`, none is lost.
+    while not (done.is_set() and queue.empty()):
+        with contextlib.suppress(Empty):
+            tune.report(queue.get(timeout=0.5))
+    if "error" in outcome:
+        raise outcome["error"]
+    _report_if_untrained(outcome["result"])
+
+
+def _report_if_untrained(result: TrainResult) -> None:
+    """A finished trial run again trains nothing, so Train reports nothing: its final numbers."""
     if result.resumed_from is not None and result.step <= result.resumed_from:
         tune.report({**result.final_metrics, "step": result.step, "train/samples_seen": result.samples_seen,
                      "mlflow_run_id": result.mlflow_run_id})
