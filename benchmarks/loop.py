@@ -95,17 +95,18 @@ def _row(world: Path, root: Path, preset: str, batch: int, n_trials: int, label:
     procs, names = [], []
     for i in range(n_trials):
         name = f"loop{i}"
-        config = storage / f"{name}.yaml"
+        config = storage / name / f"{name}.yaml"  # a storage (and MLflow store) per run
         config.parent.mkdir(parents=True, exist_ok=True)
-        config.write_text(yaml.safe_dump(_experiment(world, storage, name, preset, batch, args)))
-        log = (storage / f"{name}.log").open("w")
+        config.write_text(yaml.safe_dump(_experiment(world, config.parent, name, preset, batch, args)))
+        log = (config.parent / f"{name}.log").open("w")
         procs.append(subprocess.Popen([sys.executable, "-m", "scalelab.cli", "train", str(config)],
                                       stdout=log, stderr=subprocess.STDOUT, env=env))
         names.append(name)
     for proc in procs:
         if proc.wait() != 0:
-            raise SystemExit(f"a run of {storage} failed: see its .log files")
-    measured = [_measure(f"sqlite:///{storage / 'mlflow.db'}", n) for n in names]
+            log_text = "".join(p.read_text()[-3000:] for p in storage.glob("*/*.log"))
+            raise SystemExit(f"a run of {storage} failed:\n{log_text}")
+    measured = [_measure(f"sqlite:///{storage / n / 'mlflow.db'}", n) for n in names]
     wall, inside = max(measured, key=lambda m: m[0] / m[1])
     return {"preset": preset, "batch": batch, "trials": n_trials, "poll": label, "wall": wall,
             "inside": inside, "ratio": wall / inside}
@@ -117,7 +118,8 @@ def _format(r: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["nano", "micro"])
     parser.add_argument("--batches", nargs="+", type=int, default=[64, 128])
     parser.add_argument("--trials", nargs="+", type=int, default=[1, 2])
