@@ -18,7 +18,11 @@ STEPS, RESUME_AT = 10, 6  # 4 batches per epoch and rank: three epoch switches, 
 
 
 def _batches(stream: DataStream, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(b.images, b.tokens) for b in (stream.next() for _ in range(n))]
+    """The next `n` batches; the stream is closed after them (mid-epoch: its Ray Data execution ends)."""
+    try:
+        return [(b.images, b.tokens) for b in (stream.next() for _ in range(n))]
+    finally:
+        stream.close()
 
 
 def _assert_same(got: list, want: list) -> None:
@@ -37,8 +41,10 @@ def test_cached_stream_equals_the_ray_data_stream_and_resumes_alike(smoke_config
     assert streamed.epoch == 2 and len({t.sum().item() for _, t in want}) == STEPS  # distinct batches
 
     cached = DataStream(config(True), rank, 2, RankState())
-    _assert_same(_batches(cached, RESUME_AT), want[:RESUME_AT])
+    first = [(b.images, b.tokens) for b in (cached.next() for _ in range(RESUME_AT))]
+    _assert_same(first, want[:RESUME_AT])
     state = cached.state()
+    cached.close()
     assert (state.epoch, state.epoch_samples) == (1, (RESUME_AT - 4) * 32)
     for cache in (True, False):
         resumed = DataStream(config(cache), rank, 2, state)

@@ -63,6 +63,10 @@ class TrainBatchIterator(Iterator[Batch]):
     def __next__(self) -> Batch:
         return next(self._gen)
 
+    def close(self) -> None:
+        """Stop reading mid-epoch: ends the source's iteration (a Ray Data execution releases its tasks)."""
+        self._gen.close()
+
     def metrics(self) -> dict[str, int]:
         return {f"data/skipped/{reason}": n for reason, n in sorted(self.skipped.items())}
 

@@ -70,6 +70,10 @@ class DataStream:
             out[reason] = out.get(reason, 0) + n
         return out
 
+    def close(self) -> None:
+        """Stop mid-epoch (the current epoch's Ray Data execution ends instead of lingering)."""
+        self._it.close()
+
     def state(self) -> RankState:
         """This rank's position and randomness, for its share of a checkpoint."""
         return RankState(epoch=self.epoch, epoch_samples=self._it.samples_seen, skipped=self._skipped(),

@@ -61,6 +61,25 @@ def test_iterator_without_ray_raises_when_nothing_is_usable():
     assert it.skipped == {"empty_caption": 5}
 
 
+def test_closed_iterator_ends_its_source_mid_epoch():
+    closed = []
+
+    def source():
+        try:
+            for i in range(10):
+                yield {"image": np.zeros((3, 4, 4), np.float32), "tokens": np.zeros(8, np.int64),
+                       "key": str(i), "valid": True, "reason": ""}
+        finally:
+            closed.append(True)  # what a Ray Data iteration runs to release its execution
+
+    it = iter_train_batches(source(), 2)
+    assert [b.keys for b in (next(it), next(it))] == [["0", "1"], ["2", "3"]]
+    it.close()
+    assert closed == [True]
+    with pytest.raises(StopIteration):
+        next(it)
+
+
 def test_decode_is_seeded_per_row_and_eval_is_deterministic(sources):
     a, _ = sources
     kw = dict(tokenizer=str(a / "tokenizer.json"), image_size=16, context_length=8, augment=True,
