@@ -184,3 +184,15 @@ def test_code_version_names_the_code():
     if "scalelab.git_sha" in version:  # source checkout
         assert len(version["scalelab.git_sha"]) == 40
         assert version["scalelab.git_dirty"] in {"true", "false"}
+
+
+def test_experiments_are_marked_model_training_for_the_mlflow_ui(store, tmp_path):
+    uri, exp_id, client = store
+    assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    older = client.create_experiment("made-before-the-kind", artifact_location=(tmp_path / "a").as_uri())
+    assert "mlflow.experimentKind" not in client.get_experiment(older).tags
+    assert tracking.get_or_create_experiment("made-before-the-kind", uri) == older
+    assert client.get_experiment(older).tags["mlflow.experimentKind"] == "custom_model_development"
+    client.set_experiment_tag(older, "mlflow.experimentKind", "genai_development")  # a user's choice stays
+    tracking.get_or_create_experiment("made-before-the-kind", uri)
+    assert client.get_experiment(older).tags["mlflow.experimentKind"] == "genai_development"

@@ -28,6 +28,11 @@ MAX_KEY_LENGTH = 250
 MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
 FINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
+# MLflow 3 opens an experiment without a kind in its GenAI view (traces, judges; a sweep's children
+# listed as "Evaluation runs"); this kind lands a user on the runs table and the metric charts.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+# MLflow's run description (Markdown, shown on the run's overview page).
+DESCRIPTION_TAG = "mlflow.note.content"
 
 # Characters MLflow accepts in metric/param names on every OS (colon is refused on Windows).
 _KEY_CHARS = re.compile(r"^[A-Za-z0-9_\-. /]+$")
@@ -81,7 +86,7 @@ def get_or_create_experiment(name: str, tracking_uri: str, artifact_root: str | 
     if existing is None:
         location = _artifact_uri(artifact_root) if artifact_root is not None else None
         try:
-            return client.create_experiment(name, artifact_location=location)
+            return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
         except MlflowException:
             existing = client.get_experiment_by_name(name)
             if existing is None:  # a real failure, not a lost race

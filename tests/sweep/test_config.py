@@ -54,7 +54,7 @@ def test_budget_kinds_set_the_steps(tmp_path):
     macs = 1e12
     sweep, base = _sweep(tmp_path, budget={"kind": "compute", "value": macs})
     for t in expand(sweep, base):
-        per_sample = 3 * preset_stats(t.model).macs_per_sample
+        per_sample = 4 * preset_stats(t.model).macs_per_sample
         assert t.experiment.train.steps == math.ceil(macs / per_sample / t.batch)  # equal compute per trial
     sweep, base = _sweep(tmp_path, budget={"kind": "steps", "value": 40})
     trials = expand(sweep, base)

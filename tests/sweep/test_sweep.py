@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 import time
@@ -106,6 +107,14 @@ def _run_logged(command: list[str], env: dict[str, str], log: Path, kill_session
                         + "\n".join(lines[-150:]))
 
 
+def _compute_line(status: str) -> tuple[float, float, float]:
+    """(spent, planned, left) GMACs from `scalelab sweep --status`'s compute line."""
+    m = re.search(r"compute: ([\d.e+]+) GMACs spent of ([\d.e+]+) planned \([\d.]+%\), ([\d.e+]+) GMACs left",
+                  status)
+    assert m, status
+    return float(m[1]), float(m[2]), float(m[3])
+
+
 def test_sweep_killed_midway_resumes_without_rerunning_finished_trials(tmp_path, smoke_config, kill_session,
                                                                        capsys):
     started = time.monotonic()
@@ -132,6 +141,11 @@ def test_sweep_killed_midway_resumes_without_rerunning_finished_trials(tmp_path,
     history = {t: len(client.get_metric_history(r.info.run_id, "train/loss"))
                for t, r in finished_before.items()}
     assert finished_before and HELD in interrupted
+    capsys.readouterr()  # --status of the interrupted sweep: compute spent so far and what is left
+    assert main(["sweep", str(sweep_file), "--status"]) == 0
+    status = capsys.readouterr().out
+    spent, planned, left = _compute_line(status)
+    assert 0 < spent < planned and left == pytest.approx(planned - spent, rel=1e-3), status
 
     # What is left of 25 minutes (the rest of the test's 30 needs about a minute).
     second = _run_logged(command, env, tmp_path / "second.log", kill_session,
@@ -170,7 +184,11 @@ def test_sweep_killed_midway_resumes_without_rerunning_finished_trials(tmp_path,
     # --status and plot read what is on storage (no Ray): in this process
     capsys.readouterr()
     assert main(["sweep", str(sweep_file), "--status"]) == 0
-    assert "3/3 finished" in capsys.readouterr().out
+    status = capsys.readouterr().out
+    assert "3/3 finished" in status
+    macs = {int(r.data.params["model.macs_per_sample"]) for r in children}  # one preset: one value
+    executed = sum(4 * macs.pop() * 8 * b for b in BATCHES) if len(macs) == 1 else None
+    assert _compute_line(status) == pytest.approx((executed / 1e9, executed / 1e9, 0.0), rel=1e-3), status
     assert main(["plot", str(tmp_path / "runs" / SWEEP)]) == 0
     analysis = tmp_path / "runs" / SWEEP / "analysis"
     assert (analysis / "fits.json").is_file()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from scalelab.train.compute import step_macs_with_cache, training_macs, utilization
+from scalelab.train.compute import executed_macs, step_macs_with_cache, training_macs, utilization
 
 
 def test_training_macs_is_three_forwards():
@@ -15,6 +15,10 @@ def test_training_macs_is_three_forwards():
 def test_cached_step_is_four_forwards():
     assert step_macs_with_cache(5, 7) == 140
     assert step_macs_with_cache(5, 7) * 3 == training_macs(5, 7) * 4
+
+
+def test_executed_compute_counts_the_cached_steps_extra_forward():
+    assert executed_macs(5, 7) == 140 and executed_macs(5, 7) * 3 == training_macs(5, 7) * 4
 
 
 def test_utilization():

@@ -81,6 +81,8 @@ def test_smoke_run_learns_evaluates_and_logs_one_mlflow_run(smoke_run, local_ray
     assert seen == [(s, float(s * 64)) for s in (5, 10, 15, 20, 25, 30)]
     macs = _history(client, result.mlflow_run_id, "train/compute_macs")
     assert macs[-1][1] == pytest.approx(3 * int(params["model.macs_per_sample"]) * 30 * 64, rel=1e-6)
+    executed = _history(client, result.mlflow_run_id, "train/executed_macs")  # the cache's extra forward
+    assert executed[-1][1] == pytest.approx(4 * int(params["model.macs_per_sample"]) * 30 * 64, rel=1e-6)
     for key in ("train/samples_per_s", "train/lr", "train/logit_scale", "train/peak_memory_mb",
                 "train/time/cache_forward_s", "train/time/optimizer_s"):
         assert _history(client, result.mlflow_run_id, key), key

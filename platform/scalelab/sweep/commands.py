@@ -42,8 +42,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from scalelab.sweep.results import collect_results, read_state
+    from scalelab.sweep.results import collect_results, compute_accounts, read_state
     from scalelab.sweep.runner import resolve_root, sweep_dir
+    from scalelab.train.compute import COMPUTE_CONVENTION
 
     target = Path(args.target)
     if target.suffix in (".yaml", ".yml"):
@@ -57,15 +58,31 @@ def _status(args: argparse.Namespace) -> int:
     except FileNotFoundError as err:
         raise ConfigError(str(err)) from None
     results = collect_results(state)
+    accounts = compute_accounts(state, results)
     print(f"sweep {state.name}: parent MLflow run {state.parent_run_id} ({state.tracking_uri})")
-    print(f"{'trial':<28} {'data':>7} {'model':<10} {'batch':>6} {'state':<10} {'samples':>9} {state.metric}")
-    for r in results:
+    print(f"{'trial':<28} {'data':>7} {'model':<10} {'batch':>6} {'state':<10} {'samples':>9} "
+          f"{'GMACs done':>11} {'of':>9} {state.metric}")
+    for r, (spent, total) in zip(results, accounts):
         value = r.metrics.get(state.metric)
         print(f"{r.trial_id:<28} {r.data:>7} {r.model:<10} {r.batch:>6} {r.state:<10} {r.samples_seen:>9} "
-              f"{'' if value is None else f'{value:.4f}'}")
+              f"{spent / 1e9:>11.4g} {_gmacs(total):>9} {'' if value is None else f'{value:.4f}'}")
     done = sum(r.finished for r in results)
+    spent = sum(a for a, _ in accounts)
     print(f"{done}/{len(results)} finished")
+    if all(t is not None for _, t in accounts):
+        total = sum(t for _, t in accounts if t is not None)
+        left = sum(max(0.0, t - a) for a, t in accounts if t is not None)
+        print(f"compute: {spent / 1e9:.4g} GMACs spent of {total / 1e9:.4g} planned "
+              f"({100 * spent / total:.1f}%), {left / 1e9:.4g} GMACs left")
+    else:  # a sweep.json from before scalelab recorded each trial's steps
+        print(f"compute: {spent / 1e9:.4g} GMACs spent (planned total unknown: sweep.json predates it; "
+              "the next `scalelab sweep` run records it)")
+    print(f"  ({COMPUTE_CONVENTION})")
     return 0
+
+
+def _gmacs(value: float | None) -> str:
+    return "?" if value is None else f"{value / 1e9:.4g}"
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ from scalelab.config import (
     load_yaml_mapping,
     validate,
 )
+from scalelab.train.compute import executed_macs
 
 __all__ = ["AxesConfig", "BudgetConfig", "MicroBatchConfig", "SweepConfig", "Trial", "expand", "load_sweep"]
 
@@ -55,7 +56,8 @@ class BudgetConfig(Frozen):
 
     kind: Literal["samples", "epochs", "compute", "steps"] = Field(
         description="samples: fixed samples seen; epochs: passes over the trial's n_pairs; "
-        "compute: fixed training MACs (3 x forward MACs per sample x samples); steps: fixed optimizer "
+        "compute: fixed MACs executed in training (4 x forward MACs per sample x samples: the gradient "
+        "cache's extra no-grad forward counts); steps: fixed optimizer "
         "steps, so a bigger batch sees proportionally more samples (BASIC's batch-size comparison)."
     )
     value: float = Field(gt=0, description="Samples, epochs, MACs or steps, per `kind`.")
@@ -129,6 +131,7 @@ class Trial:
     batch: int
     extra: dict[str, Any]
     experiment: ExperimentConfig
+    macs_per_sample: int = 0  # forward MACs of one sample (`models.preset_stats`), for compute accounting
 
 
 def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[SweepConfig, dict]:
@@ -156,12 +159,13 @@ def expand(sweep: SweepConfig, base: dict[str, Any], *, bytes_per_sample: dict[s
         if b % sweep.resources.workers_per_trial:
             raise ConfigError(f"axes.batch {b} is not divisible by workers_per_trial "
                               f"{sweep.resources.workers_per_trial}")
-        steps = _steps(sweep.budget, d, b, preset_stats(spec).macs_per_sample)
+        macs = preset_stats(spec).macs_per_sample
+        steps = _steps(sweep.budget, d, b, macs)
         extras = dict(zip(extra_keys, extra))
         name = "-".join([f"d{d}", m, f"b{b}"] + [f"{k.split('.')[-1]}{v}" for k, v in extras.items()])
         cfg = _trial_experiment(sweep, base, name, d, m, b, steps, extras, spec,
                                 _micro(sweep.micro_batch, per_worker, (bytes_per_sample or {}).get(m)))
-        trials.append(Trial(name, d, m, b, extras, cfg))
+        trials.append(Trial(name, d, m, b, extras, cfg, macs))
     return trials
 
 
@@ -173,7 +177,7 @@ def _steps(budget: BudgetConfig, n_pairs: int, batch: int, macs_per_sample: int)
     elif budget.kind == "epochs":
         samples = budget.value * n_pairs
     else:
-        samples = budget.value / (3 * macs_per_sample)
+        samples = budget.value / executed_macs(macs_per_sample, 1)
     return max(budget.min_steps, math.ceil(samples / batch))
 
 

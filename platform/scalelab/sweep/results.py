@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from scalelab.scaling import TrialResult
+from scalelab.train.compute import executed_macs
 
-__all__ = ["SweepState", "collect_results", "read_state", "state_path", "write_state"]
+__all__ = ["SweepState", "collect_results", "compute_accounts", "read_state", "state_path", "write_state"]
 
 STATE_NAME = "sweep.json"
 MLFLOW_TO_TUNE_STATE = {"FINISHED": "TERMINATED", "FAILED": "ERROR", "KILLED": "ERROR",
@@ -35,7 +36,8 @@ class SweepState:
     metric: str
     robustness_metric: str | None
     predict_compute: float | None
-    trials: list[dict[str, Any]] = field(default_factory=list)  # name, data, model, batch, extra
+    # name, data, model, batch, extra, steps, macs_per_sample (the last two since compute accounting)
+    trials: list[dict[str, Any]] = field(default_factory=list)
 
 
 def state_path(sweep_dir: str | Path) -> Path:
@@ -84,6 +86,20 @@ def _result(client: Any, planned: dict[str, Any], run: Any) -> TrialResult:
              for m in client.get_metric_history(run.info.run_id, "train/loss")]
     return TrialResult(
         **base, params=int(params.get("model.params", 0)), macs_per_sample=macs, samples_seen=seen,
-        compute=3.0 * macs * seen, wall_s=max(0.0, (end - run.info.start_time) / 1000.0), metrics=metrics,
-        state=MLFLOW_TO_TUNE_STATE.get(run.info.status, run.info.status), curve=sorted(set(curve)),
+        compute=float(executed_macs(macs, seen)), wall_s=max(0.0, (end - run.info.start_time) / 1000.0),
+        metrics=metrics, state=MLFLOW_TO_TUNE_STATE.get(run.info.status, run.info.status),
+        curve=sorted(set(curve)),
     )
+
+
+def compute_accounts(state: SweepState, results: list[TrialResult]) -> list[tuple[float, float | None]]:
+    """Per trial (in `state.trials` order): (MACs executed so far, MACs its whole budget executes), both
+    by `train.compute.COMPUTE_CONVENTION`; the planned figure is None for a sweep.json written before
+    scalelab recorded each trial's steps."""
+    out = []
+    for planned, r in zip(state.trials, results):
+        macs = int(planned.get("macs_per_sample") or r.macs_per_sample)
+        steps = planned.get("steps")
+        total = None if steps is None or not macs else float(executed_macs(macs, int(steps) * r.batch))
+        out.append((r.compute, total))
+    return out

@@ -14,6 +14,7 @@ interrupted and failed ones continue from their checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -73,7 +74,7 @@ def plan(sweep: SweepConfig, base: dict[str, Any]) -> list[Trial]:
     if sweep.micro_batch.memory_mb is not None:
         per_sample = {m: activation_bytes_per_sample(m) for m in sweep.axes.model}
     root = Path(os.environ.get(ROOT_ENV) or Path.cwd())
-    trials = [Trial(t.name, t.data, t.model, t.batch, t.extra, resolve_paths(t.experiment, root))
+    trials = [dataclasses.replace(t, experiment=resolve_paths(t.experiment, root))
               for t in expand(sweep, base, bytes_per_sample=per_sample)]
     for t in trials:
         try:
@@ -146,8 +147,8 @@ def _parent_run(sweep: SweepConfig, trials: list[Trial]) -> SweepState:
     artifacts = default_artifact_root(uri, sweep.storage)
     experiment = get_or_create_experiment(sweep.mlflow_experiment, uri, artifacts)
     previous = read_state(sweep_dir(sweep)) if state_path(sweep_dir(sweep)).is_file() else None
-    planned = [{"name": t.name, "data": t.data, "model": t.model, "batch": t.batch, "extra": t.extra}
-               for t in trials]
+    planned = [{"name": t.name, "data": t.data, "model": t.model, "batch": t.batch, "extra": t.extra,
+                "steps": t.experiment.train.steps, "macs_per_sample": t.macs_per_sample} for t in trials]
     if previous is not None and [p["name"] for p in previous.trials] != [p["name"] for p in planned]:
         raise ConfigError(
             f"sweep {sweep.name!r} at {sweep_dir(sweep)} was started with another grid; a resumed sweep "

@@ -1,15 +1,15 @@
-"""Compute accounting: training MACs of a run (the scaling-law axis) and MACs of a cached step.
+"""Compute accounting: the MACs a run executed (scalelab's scaling axis) and its model compute.
 
 Two different numbers, on purpose:
+- `executed_macs` is what training really ran, and what a sweep's compute axis, its `compute` budget
+  and `scalelab sweep --status` count (the convention `COMPUTE_CONVENTION` states): every scalelab
+  step is a gradient-cache step, and a cached step encodes every sample twice — phase 1 without
+  autograd (1 forward), phase 3 again with autograd and its backward (1 forward + 1 backward ≈ 3
+  forwards) — so 4 × forward MACs per sample, 4/3 of a plain step's work. Evaluation is not counted.
 - `training_macs` is *model* compute, the quantity scaling-law papers (Kaplan et al., Chinchilla,
-  BASIC's compute axis) put on the x-axis: forward + backward ≈ 3 × forward (the backward costs
-  ≈ 2 forwards: gradients w.r.t. activations and w.r.t. weights). It does not depend on how the step
-  was executed, so runs with and without a gradient cache, or with different micro-batch sizes, are
-  comparable at equal compute.
-- `step_macs_with_cache` is what the hardware actually does in one gradient-cache step: phase 1
-  encodes every sample without autograd (1 forward), phase 3 re-encodes it with autograd and
-  backpropagates (1 forward + 1 backward ≈ 3 forwards): 4 × forward. Use it for hardware
-  utilisation; the extra forward is overhead of the cache, not model compute.
+  BASIC's compute axis) put on the x-axis: forward + backward ≈ 3 × forward. It does not depend on how
+  the step was executed; compare with published laws on it (metric `train/compute_macs`), and divide
+  scalelab's executed compute by 4/3 to get it.
 
 MACs are multiply-accumulates as counted by `scalelab.models.preset_stats` (matmul/conv only); one
 MAC is two FLOPs.
@@ -19,7 +19,9 @@ from __future__ import annotations
 
 __all__ = [
     "CACHED_STEP_FORWARD_MULTIPLE",
+    "COMPUTE_CONVENTION",
     "TRAINING_FORWARD_MULTIPLE",
+    "executed_macs",
     "step_macs_with_cache",
     "training_macs",
     "utilization",
@@ -27,6 +29,8 @@ __all__ = [
 
 TRAINING_FORWARD_MULTIPLE = 3  # forward + backward (≈ 2 forwards)
 CACHED_STEP_FORWARD_MULTIPLE = 4  # no-grad forward + re-forward + backward
+COMPUTE_CONVENTION = ("MACs executed in training: 4 x forward MACs per sample (the gradient cache's "
+                      "no-grad forward + re-forward + backward, 4/3 of a plain step); evaluation excluded")
 
 
 def _check_count(name: str, value: int) -> int:
@@ -40,6 +44,11 @@ def training_macs(macs_per_sample: int, samples: int) -> int:
     return TRAINING_FORWARD_MULTIPLE * _check_count("macs_per_sample", macs_per_sample) * _check_count(
         "samples", samples
     )
+
+
+def executed_macs(macs_per_sample: int, samples: int) -> int:
+    """MACs training executed on `samples` samples through the cached step: 4 × forward MACs × samples."""
+    return step_macs_with_cache(macs_per_sample, samples)
 
 
 def step_macs_with_cache(macs_per_sample: int, batch: int) -> int:

@@ -23,7 +23,7 @@ import ray.train
 import torch
 
 from scalelab.train.checkpoint import RankState, RunState, read_run_state
-from scalelab.train.compute import training_macs
+from scalelab.train.compute import executed_macs, training_macs
 from scalelab.train.evaluator import Evaluator
 from scalelab.train.failures import Failure, RunStopped, write_failure
 from scalelab.train.faults import maybe_inject_fault
@@ -83,6 +83,7 @@ def _train(me: _Worker, task: Any, run: RunState, mine: RankState, reporter: Rep
         stop = _observe(guard, metrics, run.step)
         metrics.update({"train/samples_seen": run.samples_seen, "train/epoch": stream.epoch,
                         "train/compute_macs": training_macs(plan.macs_per_sample, run.samples_seen),
+                        "train/executed_macs": executed_macs(plan.macs_per_sample, run.samples_seen),
                         "train/peak_memory_mb": _peak_memory_mb(), **guard.metrics()})
         logged = run.step % cfg.run.log_every == 0 or last or stop is not None
         if logged:
