@@ -97,6 +97,9 @@ def get_or_create_experiment(name: str, tracking_uri: str, artifact_root: str | 
             f"MLflow experiment {name!r} (id {existing.experiment_id}) is deleted; restore it "
             "(`mlflow experiments restore`) or choose another experiment name"
         )
+    for key, value in EXPERIMENT_TAGS.items():  # made before scalelab set the kind; a user's own stays
+        if key not in existing.tags:
+            client.set_experiment_tag(existing.experiment_id, key, value)
     return existing.experiment_id
 
 
