@@ -1,7 +1,8 @@
 """Each framework has one home: enforced statically and at import time.
 
-`deepspeed` only in train/; `ray` only in data/ (the pipeline), train/ and sweep/; `mlflow` only in
-tracking.py and sweep/. The direction of imports between scalelab's own packages is test_layering.py's.
+`deepspeed` only in train/; `ray` only in data/ (the pipeline), train/ and sweep/; `mlflow` only
+in tracking.py and sweep/; `rich` only in console.py. The direction of imports between scalelab's own
+packages is test_layering.py's.
 """
 
 import ast
@@ -19,6 +20,7 @@ HOMES = {
     "deepspeed": ("train/",),
     "ray": ("data/", "train/", "sweep/"),
     "mlflow": ("tracking.py", "sweep/"),
+    "rich": ("console.py",),
 }
 FRAMEWORK_FREE = [
     "scalelab.config", "scalelab.models", "scalelab.losses", "scalelab.gradcache", "scalelab.eval",

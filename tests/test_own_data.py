@@ -87,8 +87,10 @@ def trained(corpus, prepared, tmp_path_factory):
     config = folder / "icons.yaml"
     config.write_text(yaml.safe_dump(_experiment(corpus, folder / "runs"), sort_keys=False))
     out = _scalelab("train", str(config), "--ray", "local")
-    log = _ok(out) + out.stderr  # rank 0's progress lines arrive through Ray's log forwarding
-    return {"config": config, "storage": folder / "runs", "log": log, "stdout": out.stdout}
+    _ok(out)
+    log = folder / "runs" / "icons" / "console.log"  # rank 0's progress lines, with Ray's and DeepSpeed's
+    return {"config": config, "storage": folder / "runs", "log": log.read_text(), "stdout": out.stdout,
+            "stderr": out.stderr, "log_path": log}
 
 
 # --------------------------------------------------------------------------- data commands
@@ -143,6 +145,15 @@ def _final_metrics(stdout: str) -> dict[str, float]:
     """The table `scalelab train` ends with: `  eval/...  0.1234` after `[name] done: ...`."""
     tail = stdout.split("] done: ", 1)[1]
     return {m[1]: float(m[2]) for m in re.finditer(r"^\s+(eval/\S+)\s+([0-9.]+)$", tail, re.M)}
+
+
+def test_the_terminal_shows_the_run_and_the_log_file_has_the_rest(trained):
+    out = trained["stdout"]
+    assert f"output: {trained['log_path']}" in out and "] done: " in out and "mlflow ui" in out
+    assert re.search(rf"^icons\s+FINISHED\s+{STEPS}/{STEPS}\s", out, re.M), out  # the run table
+    for noise in ("RayTrainWorker", "TrainingReport", "Started a local Ray instance", "Token authentication"):
+        assert noise not in out + trained["stderr"], noise
+    assert "Started a local Ray instance" in trained["log"] and "[icons] step" in trained["log"]
 
 
 def test_training_learns_what_a_user_checks(corpus, trained):

@@ -86,23 +86,51 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from scalelab.config import load_experiment
 
     cfg = load_experiment(args.file, args.set)
-    from scalelab.train.launch import RunFailed, launch  # deferred: imports ray
+    from scalelab.console import LiveView, RunTable, session
+    from scalelab.train.launch import RunFailed, launch, preflight, release_ray  # deferred: imports ray
+    from scalelab.train.resume import run_dir
 
-    try:
-        result = launch(cfg, ray_address=args.ray)
-    except RunFailed as err:  # a deterministic error: the workers already printed their line
-        print(f"scalelab: {err}", file=sys.stderr)
-        return 1
-    _print_metrics(result.final_metrics)
-    print(f"MLflow run {result.mlflow_run_id}: mlflow ui --backend-store-uri {result.tracking_uri}")
+    cfg = preflight(cfg, args.ray)  # a refused config leaves nothing behind, not even the run's log file
+    log = run_dir(cfg) / "console.log"
+    with session(log, verbose=args.verbose) as console:
+        if not args.verbose:
+            console.say(f"[{cfg.name}] Ray, DeepSpeed and the workers' own output: {log}")
+        table = RunTable(_headline_metric(cfg))
+        table.row(cfg.name, steps=cfg.train.steps, batch=cfg.train.global_batch).state = "RUNNING"
+        with LiveView(console, table) as view:
+
+            def progress(metrics: dict[str, Any]) -> None:
+                table.update(cfg.name, metrics)
+                view.changed()
+
+            try:
+                result = launch(cfg, ray_address=args.ray, progress=None if args.verbose else progress)
+            except RunFailed as err:  # a deterministic error: one line, and where the details are
+                table.row(cfg.name).state = "FAILED"
+                console.say(f"scalelab: {err}" + ("" if args.verbose else f" (details: {log})"))
+                return 1
+            except BaseException:
+                table.row(cfg.name).state = "FAILED"
+                raise
+            finally:
+                release_ray()
+            table.row(cfg.name).state = "FINISHED"
+        _print_metrics(result.final_metrics, console.say)
+        console.say(f"MLflow run {result.mlflow_run_id}: mlflow ui --backend-store-uri {result.tracking_uri}")
     return 0
 
 
-def _print_metrics(metrics: dict[str, float]) -> None:
+def _headline_metric(cfg: Any) -> str:
+    """The live view's metric column: zero-shot top-1 on the first eval set, if any."""
+    sets = list(cfg.eval.sets)
+    return f"eval/zeroshot/{sets[0]}/top1" if sets else "eval/zeroshot/top1"
+
+
+def _print_metrics(metrics: dict[str, float], say: Any = print) -> None:
     if metrics:
         width = max(len(k) for k in metrics)
         for key in sorted(metrics):
-            print(f"  {key:<{width}}  {metrics[key]:.4f}")
+            say(f"  {key:<{width}}  {metrics[key]:.4f}")
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -210,7 +238,7 @@ def _name_dir(item: str) -> tuple[str, str]:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from scalelab.sweep.demo import run_demo
 
-    return run_demo(args.sweep, ray_address=args.ray)
+    return run_demo(args.sweep, ray_address=args.ray, verbose=args.verbose)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -241,6 +269,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--ray", default=None, metavar="ADDRESS",
                    help="Ray to use: 'local' starts a new local instance; default RAY_ADDRESS, else the "
                         "cluster running on this machine, else a new local instance")
+    t.add_argument("--verbose", action="store_true",
+                   help="show Ray's, DeepSpeed's and the workers' raw output here instead of the live view "
+                        "(otherwise it goes to <storage>/<name>/console.log)")
     t.set_defaults(func=_cmd_train)
 
     x = sub.add_parser("export", help="write a training checkpoint as a plain fp32 model directory")
@@ -269,6 +300,7 @@ def _parser() -> argparse.ArgumentParser:
                        "2x2x2 demo sweep on local Ray, print the table, fits and the MLflow link")
     d.add_argument("--sweep", default="sweeps/demo.yaml", help="sweep file (default: sweeps/demo.yaml)")
     d.add_argument("--ray", default=None, metavar="ADDRESS", help="as for `scalelab train`")
+    d.add_argument("--verbose", action="store_true", help="as for `scalelab sweep`")
     d.set_defaults(func=_cmd_demo)
     return p
 

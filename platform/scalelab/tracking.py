@@ -33,6 +33,10 @@ FINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 # MLflow's run description (Markdown, shown on the run's overview page).
 DESCRIPTION_TAG = "mlflow.note.content"
+# MLflow 3.17's UI takes the experiment's view from a global "GenAI | Model training" switch (kept in
+# the browser; GenAI by default) rather than from the experiment's kind; a link carrying this opens
+# the model-training view (runs table, charts) whatever the browser last used.
+UI_VIEW_QUERY = "workflowType=machine_learning"
 
 # Characters MLflow accepts in metric/param names on every OS (colon is refused on Windows).
 _KEY_CHARS = re.compile(r"^[A-Za-z0-9_\-. /]+$")
@@ -101,6 +105,12 @@ def get_or_create_experiment(name: str, tracking_uri: str, artifact_root: str | 
         if key not in existing.tags:
             client.set_experiment_tag(existing.experiment_id, key, value)
     return existing.experiment_id
+
+
+def ui_url(experiment_id: str, run_id: str | None = None, base: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI's page of a run (or of the experiment's runs table) in its model-training view."""
+    page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base}/{page}?{UI_VIEW_QUERY}"
 
 
 def find_run_by_tag(tracking_uri: str, experiment_id: str, key: str, value: str) -> str | None:

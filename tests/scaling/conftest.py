@@ -18,7 +18,7 @@ def make_grid(datas=(100_000, 1_000_000), models=("tiny", "small"), batches=(256
         err = 4.0 * d**-0.1 * params**-0.05 * b**-0.02
         results.append(TrialResult(
             trial_id=f"t{i:03d}", data=d, model=m, batch=b, params=params, macs_per_sample=2 * params,
-            samples_seen=samples, compute=3.0 * 2 * params * samples, wall_s=10.0 + i,
+            samples_seen=samples, compute=4.0 * 2 * params * samples, wall_s=10.0 + i,
             metrics={METRIC: 1.0 - err, "train/loss": 3.0 - i * 0.1},
             extra={"lr": 1e-3, "tag": f"x{i}"},
             curve=[(s, 5.0 / (1 + s / 1000)) for s in (256, 1024, 4096, samples)],

@@ -39,6 +39,8 @@ PLOTS = ("error_vs_compute.png", "error_vs_data.png", "error_vs_params.png", "er
 SELECTED = "plots/error_vs_compute.png"
 MODELS = {"micro": 190_000, "tiny": 800_000}
 WINDOW = (1400, 1000)
+# Texts of the parent run's description (Markdown) the overview page must show.
+DESCRIBED = ("trials finished", "d4000-tiny-b128", "frontier")
 UI_WAIT_S = 120.0  # upper bound (a loaded CI box) for the app to render; polling returns once it has
 
 # Run in the page: what the artifact view shows right now: its texts (the tree's entry names among
@@ -49,7 +51,7 @@ _PAGE_STATE_JS = """
   const texts = new Set();
   while (walker.nextNode()) {
     const text = walker.currentNode.nodeValue.trim();
-    if (text && text.length < 200) texts.add(text);
+    if (text && text.length < 4000) texts.add(text);
   }
   const imgs = [...document.images].map(i => ({src: i.currentSrc || i.src, complete: i.complete,
                                                 width: i.naturalWidth, height: i.naturalHeight}));
@@ -85,7 +87,7 @@ def _synthetic_results() -> list[Any]:
                 curve = [(s, 6.0 * (1 + s) ** -0.15 + error) for s in range(0, seen + 1, seen // 8)]
                 results.append(TrialResult(
                     trial_id=f"d{data}-{model}-b{batch}", data=data, model=model, batch=batch, params=params,
-                    macs_per_sample=macs, samples_seen=seen, compute=3.0 * macs * seen, wall_s=1.0,
+                    macs_per_sample=macs, samples_seen=seen, compute=4.0 * macs * seen, wall_s=1.0,
                     metrics={METRIC: 1.0 - error}, state="TERMINATED", curve=curve,
                 ))
     return results
@@ -110,6 +112,10 @@ def _log_sweep(storage: Path) -> tuple[str, str, str, Path]:
     analysis = analyse(state, results)
     assert {f"plots/{p}" for p in PLOTS} <= set(analysis.figures), sorted(analysis.figures)
     log_analysis(state, results, analysis, storage / "scratch")
+    from mlflow import MlflowClient
+
+    tags = MlflowClient(uri).get_experiment(experiment_id).tags
+    assert tags.get("mlflow.experimentKind") == "custom_model_development", tags
     parent.finish()
     return uri, experiment_id, parent.run_id, Path(artifact_root)
 
@@ -198,9 +204,13 @@ def _rendered(state: dict[str, Any], base: str) -> dict[str, Any] | None:
     return {"url": urls[0], **imgs[0]} if urls and imgs else None
 
 
-async def _drive(devtools_port: int, url: str, base: str) -> tuple[dict[str, Any], bytes]:
+async def _drive(devtools_port: int, visits: list[tuple[str, Any]]
+                 ) -> list[tuple[dict[str, Any], Any, bytes]]:
+    """Open each (url, ready) in turn; wait until `ready(page state)` returns something (or the time is
+    up); per visit: the last page state, what `ready` returned (None: never ready) and a screenshot."""
     import aiohttp
 
+    out = []
     async with aiohttp.ClientSession() as http:
         async with http.get(f"http://127.0.0.1:{devtools_port}/json/list") as response:
             targets = await response.json()
@@ -209,19 +219,22 @@ async def _drive(devtools_port: int, url: str, base: str) -> tuple[dict[str, Any
             cdp = _Cdp(ws)
             await cdp.call("Emulation.setDeviceMetricsOverride", width=WINDOW[0], height=WINDOW[1],
                            deviceScaleFactor=1, mobile=False)
-            await cdp.call("Page.navigate", url=url)
-            deadline = time.monotonic() + UI_WAIT_S
-            state: dict[str, Any] = {}
-            img = None
-            while time.monotonic() < deadline:
-                with contextlib.suppress(RuntimeError):  # mid-navigation: no context yet
-                    state = json.loads(await cdp.evaluate(_PAGE_STATE_JS) or "{}")
-                if state and (img := _rendered(state, base)) is not None:
-                    break
-                await asyncio.sleep(0.25)
-            await asyncio.sleep(0.5)  # let the image paint before the screenshot
-            shot = await cdp.call("Page.captureScreenshot", format="png")
-    return {"img": img, "state": state}, base64.b64decode(shot["data"])
+            for url, ready in visits:
+                await cdp.call("Page.navigate", url=url)
+                await asyncio.sleep(0.5)  # the previous page's DOM must not count as this one's
+                deadline = time.monotonic() + UI_WAIT_S
+                state: dict[str, Any] = {}
+                found = None
+                while time.monotonic() < deadline:
+                    with contextlib.suppress(RuntimeError):  # mid-navigation: no context yet
+                        state = json.loads(await cdp.evaluate(_PAGE_STATE_JS) or "{}")
+                    if state and (found := ready(state)):
+                        break
+                    await asyncio.sleep(0.25)
+                await asyncio.sleep(0.5)  # let the page paint before the screenshot
+                shot = await cdp.call("Page.captureScreenshot", format="png")
+                out.append((state, found, base64.b64decode(shot["data"])))
+    return out
 
 
 def _check_screenshot(png: bytes) -> None:
@@ -236,6 +249,8 @@ def _check_screenshot(png: bytes) -> None:
 
 
 def test_mlflow_ui_shows_sweep_plots(tmp_path):
+    from scalelab.tracking import ui_url
+
     chromium = _chromium()
     storage = tmp_path / "storage"
     uri, experiment_id, run_id, artifact_root = _log_sweep(storage)
@@ -261,23 +276,45 @@ def test_mlflow_ui_shows_sweep_plots(tmp_path):
             active = profile / "DevToolsActivePort"  # Chromium writes the port it picked here
             devtools_port = _wait_until(lambda: int(active.read_text().split()[0]), 60,
                                         "chromium DevTools port", browser_log, browser)
-            url = f"{base}#/experiments/{experiment_id}/runs/{run_id}/artifacts/{SELECTED}"
-            seen, png = asyncio.run(_drive(devtools_port, url, base))
-        fetched = _get(seen["img"]["url"]) if seen["img"] is not None else None  # the server still runs
+            artifacts = f"{base}#/experiments/{experiment_id}/runs/{run_id}/artifacts/{SELECTED}"
+            overview = ui_url(experiment_id, run_id, base.rstrip("/"))  # the link `scalelab sweep` prints
+            experiment = ui_url(experiment_id, base=base.rstrip("/"))
+            visits = asyncio.run(_drive(devtools_port, [
+                (artifacts, lambda state: _rendered(state, base)),
+                (overview, lambda state: _has(state, DESCRIBED)),
+                (experiment, lambda state: _has(state, ("sweep-browser",))),
+            ]))
+        (seen, img, png), (described, _, overview_png), (listed, runs_table, list_png) = visits
+        fetched = _get(img["url"]) if img is not None else None  # the server still runs
 
     for folder in (tmp_path, REPO / "test-artifacts"):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "mlflow_ui_sweep_plots.png").write_bytes(png)
+        (folder / "mlflow_ui_sweep_description.png").write_bytes(overview_png)
+        (folder / "mlflow_ui_sweep_experiment.png").write_bytes(list_png)
 
-    texts = set(seen["state"].get("texts", []))
-    assert set(PLOTS) <= texts, f"artifact tree lacks {sorted(set(PLOTS) - texts)}; page: {seen['state']}"
-    assert seen["img"] is not None, f"no loaded <img> of {SELECTED} fetched from {base}: {seen['state']}"
+    texts = set(seen.get("texts", []))
+    assert set(PLOTS) <= texts, f"artifact tree lacks {sorted(set(PLOTS) - texts)}; page: {seen}"
+    assert img is not None, f"no loaded <img> of {SELECTED} fetched from {base}: {seen}"
     assert fetched is not None
     status, body = fetched
     assert status == 200 and body[:8] == b"\x89PNG\r\n\x1a\n"
     assert body == (artifact_root / run_id / "artifacts" / SELECTED).read_bytes()
-    assert (seen["img"]["width"], seen["img"]["height"]) == _png_size(body)
+    assert (img["width"], img["height"]) == _png_size(body)
     _check_screenshot(png)
+    # The parent run's page opens on the sweep's answer: its description (results table and fits).
+    missing = [t for t in DESCRIBED if not _has(described, (t,))]
+    assert not missing, f"run overview lacks {missing}: {described.get('texts')}"
+    # The experiment is a model-training one: the UI lists the sweep's runs (MLflow 3's GenAI view of an
+    # untyped experiment shows traces and judges instead).
+    assert runs_table, f"the experiment page does not list the run: {listed.get('texts')}"
+    assert not _has(listed, ("Evaluation runs",)), listed.get("texts")
+
+
+def _has(state: dict[str, Any], needles: tuple[str, ...]) -> bool:
+    """Every needle is (part of) one of the page's texts."""
+    texts = state.get("texts", [])
+    return all(any(n in t for t in texts) for n in needles)
 
 
 def _png_size(png: bytes) -> tuple[int, int]:

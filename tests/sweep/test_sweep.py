@@ -153,7 +153,10 @@ def test_sweep_killed_midway_resumes_without_rerunning_finished_trials(tmp_path,
     out = (tmp_path / "second.log").read_text()
     assert second == 0, out[-4000:]
     assert "resuming the sweep" in out
-    assert any(f"[{SWEEP}--{t}] resumed at step" in out for t in interrupted), out[-4000:]
+    raw = (tmp_path / "runs" / SWEEP / "console.log").read_text()  # the workers' own lines, both runs
+    assert any(f"[{SWEEP}--{t}] resumed at step" in raw for t in interrupted), raw[-4000:]
+    assert "RayTrainWorker" not in out and "TrainingReport" not in out, out[-4000:]  # the terminal: the view
+    assert re.search(rf"^{HELD}\s+TERMINATED\s+8/8\s", out, re.M), out[-4000:]
 
     children = _children(client, experiment)
     assert {r.data.tags["trial"] for r in children} == TRIALS  # 3 children, no duplicates
@@ -186,8 +189,8 @@ def test_sweep_killed_midway_resumes_without_rerunning_finished_trials(tmp_path,
     assert main(["sweep", str(sweep_file), "--status"]) == 0
     status = capsys.readouterr().out
     assert "3/3 finished" in status
-    macs = {int(r.data.params["model.macs_per_sample"]) for r in children}  # one preset: one value
-    executed = sum(4 * macs.pop() * 8 * b for b in BATCHES) if len(macs) == 1 else None
+    (macs,) = {int(r.data.params["model.macs_per_sample"]) for r in children}  # one preset: one value
+    executed = sum(4 * macs * 8 * b for b in BATCHES)
     assert _compute_line(status) == pytest.approx((executed / 1e9, executed / 1e9, 0.0), rel=1e-3), status
     assert main(["plot", str(tmp_path / "runs" / SWEEP)]) == 0
     analysis = tmp_path / "runs" / SWEEP / "analysis"

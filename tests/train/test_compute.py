@@ -31,3 +31,11 @@ def test_refuses_non_counts(bad):
         training_macs(bad, 1)
     with pytest.raises(ValueError):
         step_macs_with_cache(1, bad)
+
+
+def test_one_compute_convention_for_training_and_the_scaling_plots():
+    from scalelab.scaling import table
+    from scalelab.train import compute
+
+    assert table.COMPUTE_CONVENTION == compute.COMPUTE_CONVENTION  # scaling may not import train
+    assert compute.CACHED_STEP_FORWARD_MULTIPLE == 4 and "4" in table.COMPUTE_AXIS_LABEL

@@ -169,7 +169,9 @@ def test_driver_sigkill_then_a_worker_failure_and_the_run_equals_the_uninterrupt
     driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=held, start_new_session=True)
     run_dir = tmp_path / "runs" / "killed"
     deadline = time.monotonic() + 600
-    while latest_checkpoint(run_dir) is None or "step 7/12" not in (tmp_path / "first.log").read_text():
+    progress = run_dir / "console.log"  # where the workers' lines go (the terminal shows the live view)
+    while (latest_checkpoint(run_dir) is None or not progress.is_file()
+           or "step 7/12" not in progress.read_text()):
         assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         assert time.monotonic() < deadline, "no step 7 within 10 minutes"
         time.sleep(0.2)

@@ -28,7 +28,8 @@ from scipy.optimize import curve_fit
 
 from scalelab.scaling.table import TrialResult, finite_errors
 
-__all__ = ["FrontierFit", "PowerLawFit", "fit_axes", "fit_frontier", "fit_power_law", "flat_fit_metrics"]
+__all__ = ["FrontierFit", "PowerLawFit", "axis_x", "best_points", "bootstrap_lines", "curve_key", "fit_axes",
+           "fit_frontier", "fit_power_law", "flat_fit_metrics", "percentile_interval"]
 
 
 @dataclass(frozen=True)
@@ -170,18 +171,34 @@ def fit_frontier(compute: Any, error: Any, *, bins: int = 5, bootstrap: int = 10
                        frontier_idx=tuple(keep), bin_edges=tuple(float(v) for v in edges), n_points=len(keep))
 
 
-def _bootstrap_slope(lx: np.ndarray, ly: np.ndarray, n: int, seed: int, ci: float) -> tuple[float, float]:
+def bootstrap_lines(lx: np.ndarray, ly: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """(intercept, slope) of the least-squares line for each of `n` resamples (with replacement) of the
+    points, shape (k, 2) with k <= n: resamples with fewer than 2 distinct x are skipped. The same
+    (points, n, seed) always give the same lines, so B's interval and a prediction band built from
+    them describe one bootstrap."""
     rng = np.random.default_rng(seed)
-    slopes = []
+    lines = []
     for _ in range(n):
         pick = rng.integers(0, lx.size, size=lx.size)
         if np.unique(lx[pick]).size < 2:  # degenerate: a slope needs two distinct x
             continue
-        slopes.append(_loglog(lx[pick], ly[pick])[1])
-    if not slopes:
+        lines.append(_loglog(lx[pick], ly[pick]))
+    return np.asarray(lines, dtype=float).reshape(-1, 2)
+
+
+def percentile_interval(values: Any, ci: float) -> tuple[Any, Any]:
+    """The central `ci` percentile interval of `values` along axis 0 (floats for 1-d values, arrays
+    per column otherwise); (nan, nan) when there are no values."""
+    values = np.asarray(values, dtype=float)
+    if values.shape[0] == 0:
         return (math.nan, math.nan)
     tail = 100 * (1 - ci) / 2
-    lo, hi = np.percentile(slopes, [tail, 100 - tail])
+    lo, hi = np.percentile(values, [tail, 100 - tail], axis=0)
+    return (lo, hi)
+
+
+def _bootstrap_slope(lx: np.ndarray, ly: np.ndarray, n: int, seed: int, ci: float) -> tuple[float, float]:
+    lo, hi = percentile_interval(bootstrap_lines(lx, ly, n, seed)[:, 1], ci)
     return (float(lo), float(hi))
 
 
@@ -195,14 +212,32 @@ _AXES: dict[str, tuple[Callable[[TrialResult], float], tuple[str, ...]]] = {
 }
 
 
-def _axis_curves(pairs: list[tuple[TrialResult, float]], axis: str) -> list[dict[str, Any]]:
-    x_of, fixed_keys = _AXES[axis]
+def axis_x(result: TrialResult, axis: str) -> float:
+    """The trial's coordinate on `axis` (data pairs, parameters for the model axis, batch)."""
+    return float(_AXES[axis][0](result))
+
+
+def curve_key(result: TrialResult, axis: str) -> tuple:
+    """The values of the two axes held fixed along `axis`'s curve through this trial."""
+    return tuple(getattr(result, k) for k in _AXES[axis][1])
+
+
+def best_points(pairs: list[tuple[TrialResult, float]],
+                axis: str) -> dict[tuple, dict[float, tuple[float, TrialResult]]]:
+    """curve key -> {x: (error, trial)}, the lowest error per point (e.g. over an lr grid): the law
+    describes tuned runs."""
     groups: dict[tuple, dict[float, tuple[float, TrialResult]]] = defaultdict(dict)
     for r, err in pairs:
-        best = groups[tuple(getattr(r, k) for k in fixed_keys)]
-        x = float(x_of(r))
-        if x not in best or err < best[x][0]:  # best trial per point (e.g. over an lr grid)
+        best = groups[curve_key(r, axis)]
+        x = axis_x(r, axis)
+        if x not in best or err < best[x][0]:
             best[x] = (err, r)
+    return groups
+
+
+def _axis_curves(pairs: list[tuple[TrialResult, float]], axis: str) -> list[dict[str, Any]]:
+    fixed_keys = _AXES[axis][1]
+    groups = best_points(pairs, axis)
     curves = []
     # numbers numerically, preset names alphabetically
     for key in sorted(groups, key=lambda k: tuple((0, v, "") if isinstance(v, int) else (1, 0, str(v))
@@ -323,5 +358,27 @@ def flat_fit_metrics(fits: dict[str, Any]) -> dict[str, float]:
             base = f"fit/{axis}/{_curve_name(axis, curve['fixed'])}"
             for name in ("a", "b", "r2", "n"):
                 put(f"{base}/{name}", curve.get(name))
+    _flat_holdout(fits.get("holdout"), put)
     return flat
+
+
+def _flat_holdout(holdout: dict[str, Any] | None, put: Callable[[str, Any], None]) -> None:
+    """holdout/n, holdout/n_fit, holdout/frontier/{mean_abs_rel_error,inside_band_frac,n,A,B},
+    holdout/axes/{mean_abs_rel_error,n} and holdout/axes/<axis>/{mean_abs_rel_error,n} (see
+    `scalelab.scaling.holdout`)."""
+    if not holdout:
+        return
+    put("holdout/n", holdout.get("n"))
+    put("holdout/n_fit", holdout.get("n_fit"))
+    summary = holdout.get("summary") or {}
+    for part in ("frontier", "axes"):
+        for name, value in (summary.get(part) or {}).items():
+            put(f"holdout/{part}/{name}", value)
+    for axis, stats in (summary.get("by_axis") or {}).items():
+        for name, value in stats.items():
+            put(f"holdout/axes/{axis}/{name}", value)
+    fr = holdout.get("frontier")
+    if fr:
+        put("holdout/frontier/A", fr.get("A"))
+        put("holdout/frontier/B", fr.get("B"))
 

@@ -24,9 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FINISHED", "TrialResult", "error_of", "is_accuracy_metric", "read_csv", "write_csv"]
+__all__ = ["COMPUTE_AXIS_LABEL", "COMPUTE_CONVENTION", "FINISHED", "TrialResult", "error_of",
+           "is_accuracy_metric", "read_csv", "write_csv"]
 
 FINISHED = "TERMINATED"
+# What `TrialResult.compute` counts. Every scalelab step is a gradient-cache step, which encodes each
+# sample twice (phase 1 without autograd, phase 3 again with autograd + backward), so the work executed
+# is 4 forwards per sample, not the 3 (forward + backward) that papers' "model compute" counts.
+# Same wording as `scalelab.train.compute.COMPUTE_CONVENTION` (scaling may not import train).
+COMPUTE_CONVENTION = ("MACs executed in training: 4 x forward MACs per sample (the gradient cache's "
+                      "no-grad forward + re-forward + backward, 4/3 of a plain step); evaluation excluded")
+COMPUTE_AXIS_LABEL = "training compute C, MACs executed (4× forward MACs per sample)"
 _SCALARS = ("trial_id", "data", "model", "batch", "params", "macs_per_sample", "samples_seen", "compute",
             "wall_s", "state")
 _INTS = ("data", "batch", "params", "macs_per_sample", "samples_seen")
@@ -49,7 +57,7 @@ class TrialResult:
     params: int  # trainable parameters of the preset
     macs_per_sample: int  # forward MACs per image-text pair
     samples_seen: int  # pairs processed by training
-    compute: float  # training MACs = 3 * macs_per_sample * samples_seen
+    compute: float  # MACs executed in training = 4 * macs_per_sample * samples_seen (COMPUTE_CONVENTION)
     wall_s: float  # wall-clock seconds of the trial
     metrics: dict[str, float] = field(default_factory=dict)  # final metrics by stable key
     state: str = FINISHED  # Ray Tune trial state: TERMINATED / ERROR / RUNNING / PENDING

@@ -19,6 +19,9 @@ def add_sweep_commands(sub: Any) -> None:
     s.add_argument("--ray", default=None, metavar="ADDRESS", help="as for `scalelab train`")
     s.add_argument("--status", action="store_true", help="print the grid with each trial's state and metric")
     s.add_argument("--storage", default="./runs", help="storage root for --status NAME (default ./runs)")
+    s.add_argument("--verbose", action="store_true",
+                   help="show Ray's, DeepSpeed's and the workers' raw output here instead of the live view "
+                        "(otherwise it goes to <storage>/<sweep>/console.log)")
     s.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("plot", help="recompute a sweep's results table, fits and plots offline")
@@ -27,6 +30,10 @@ def add_sweep_commands(sub: Any) -> None:
     p.add_argument("--tracking-uri", help="MLflow URI for --mlflow-run (default: env, else ./runs/mlflow.db)")
     p.add_argument("--out", help="write results.csv, fits.json, plots/ here (default: <sweep_dir>/analysis)")
     p.add_argument("--predict-compute", type=float, help="predict the error at this training compute (MACs)")
+    p.add_argument("--holdout", type=float, default=None, metavar="N",
+                   help="hold out the N largest-compute trials (a fraction < 1: that share; 0: no check) and "
+                        "report how well the fits on the rest predict them (default: the sweep's `holdout`, "
+                        "else the trials at the largest compute)")
     p.set_defaults(func=_cmd_plot)
 
 
@@ -37,7 +44,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from scalelab.sweep.runner import run_sweep
 
     sweep, base = load_sweep(args.target, args.set)
-    run_sweep(sweep, base, ray_address=args.ray)
+    run_sweep(sweep, base, ray_address=args.ray, verbose=args.verbose)
     return 0
 
 
@@ -92,6 +99,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     state = _state_for_plot(args)
     if args.predict_compute is not None:
         state.predict_compute = args.predict_compute
+    if args.holdout is not None:
+        state.holdout = int(args.holdout) if args.holdout >= 1 else args.holdout
     results = collect_results(state)
     analysis = analyse(state, results)
     out = Path(args.out) if args.out else (Path(args.sweep_dir) / "analysis" if args.sweep_dir else None)
@@ -130,4 +139,5 @@ def _state_for_plot(args: argparse.Namespace) -> Any:
         planned = json.loads(Path(client.download_artifacts(run.info.run_id, "sweep.json", tmp)).read_text())
     sweep = planned["sweep"]
     return SweepState(sweep["name"], uri, run.info.experiment_id, run.info.run_id, sweep["metric"],
-                      sweep.get("robustness_metric"), sweep.get("predict_compute"), planned["trials"])
+                      sweep.get("robustness_metric"), sweep.get("predict_compute"), planned["trials"],
+                      sweep.get("holdout"))

@@ -111,6 +111,18 @@ class SweepConfig(Frozen):
         "eval/zeroshot/robustness_avg/top1", description="Second metric fitted (None to skip)."
     )
     predict_compute: float | None = Field(None, gt=0, description="Predict the error at this compute (MACs).")
+    holdout: int | float | None = Field(
+        None, ge=0, description="Held-out check of the fits: the largest-compute trials left out of them and "
+        "predicted. None: the trials at the largest compute; an integer n: the n largest-compute trials; a "
+        "fraction in (0, 1): that share of the finished trials; 0: no check."
+    )
+
+    @model_validator(mode="after")
+    def _holdout_kind(self) -> SweepConfig:
+        h = self.holdout
+        if isinstance(h, float) and not h.is_integer() and not 0 < h < 1:
+            raise ValueError(f"holdout {h}: an integer count of trials or a fraction in (0, 1)")
+        return self
 
     @model_validator(mode="after")
     def _grid_keys(self) -> SweepConfig:

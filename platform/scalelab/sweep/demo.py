@@ -59,7 +59,8 @@ def ensure_world(path: Path, n_pairs: int) -> None:
     train_tokenizer(path, **TOKENIZER)
 
 
-def run_demo(sweep_file: str | Path = DEMO_SWEEP, *, ray_address: str | None = None) -> int:
+def run_demo(sweep_file: str | Path = DEMO_SWEEP, *, ray_address: str | None = None,
+             verbose: bool = False) -> int:
     """Ensure the world, run (or resume) the sweep; the sweep prints its table, fits and MLflow link."""
     from scalelab.sweep.config import load_sweep
     from scalelab.sweep.runner import run_sweep
@@ -72,5 +73,5 @@ def run_demo(sweep_file: str | Path = DEMO_SWEEP, *, ray_address: str | None = N
     if len(sources) != 1:
         raise ConfigError(f"{sweep_file}: the demo's base experiment must read exactly one data source")
     ensure_world(Path(sources[0]["path"]).resolve(), max(sweep.axes.data))
-    run_sweep(sweep, base, ray_address=ray_address)
+    run_sweep(sweep, base, ray_address=ray_address, verbose=verbose)
     return 0

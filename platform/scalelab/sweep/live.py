@@ -1,65 +1,76 @@
-"""Tune callbacks of the sweep driver: the live trial table, and the refit after each finished trial."""
+"""Tune callbacks of the sweep driver: the live trial view, and the refit after each finished trial."""
 
 from __future__ import annotations
 
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
 
+from scalelab.console import LiveView, RunTable
 from scalelab.sweep.results import SweepState
 
-__all__ = ["LiveTable", "Refit"]
+__all__ = ["LiveTrials", "Refit", "failure_reason"]
 
 
-class LiveTable(Callback):
-    """A table of every trial (state, samples seen, loss, metric), printed when something changed and
-    at most every `interval` seconds; always on a state change (start, finish, error)."""
+# The views of this process by key: Tune pickles (and may copy) its callbacks, a view holds the terminal.
+_VIEWS: dict[str, tuple[RunTable, LiveView, Path | None]] = {}
 
-    def __init__(self, metric: str, total: int, *, quiet: bool = False, interval: float = 15.0) -> None:
-        # No callable attributes: Tune pickles its callbacks into the experiment state (for restore).
-        self.metric, self.total, self.quiet, self.interval = metric, total, quiet, interval
-        self._latest: dict[str, dict[str, Any]] = {}
-        self._last_print = 0.0
-        self._dirty = False
+
+class LiveTrials(Callback):
+    """Feeds the sweep's `RunTable` (one row per planned trial) from Tune's events and the trials'
+    reports, and tells the `LiveView` what changed; a failed trial also gets a line with its reason
+    and the log file. Holds only a key into `_VIEWS` (picklable; a restored copy without its view in
+    this process does nothing)."""
+
+    def __init__(self, key: str, table: RunTable, view: LiveView, log_path: Path | None) -> None:
+        self.key = key
+        _VIEWS[key] = (table, view, log_path)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        self._latest.setdefault(str(trial), {}).update(result)  # the final report lacks train/*
-        self._dirty = True
+        if self.key in _VIEWS:
+            table, view, _ = _VIEWS[self.key]
+            table.update(str(trial), result)
+            table.row(str(trial)).state = trial.status
+            view.changed()
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._show(trials, force=True)
+        self._state(trial, "RUNNING")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._show(trials, force=True)
+        self._state(trial, "TERMINATED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._show(trials, force=True)
+        if self.key in _VIEWS:
+            _, view, log_path = _VIEWS[self.key]
+            where = f"; details in {log_path}" if log_path else ""
+            view.say(f"[{trial}] failed: {failure_reason(trial)}{where}")
+        self._state(trial, "ERROR")
 
-    def on_step(self, iteration: int, trials: list, **info: Any) -> None:
-        if self._dirty and time.monotonic() - self._last_print >= self.interval:
-            self._show(trials)
+    def close(self) -> None:
+        _VIEWS.pop(self.key, None)
 
-    def _show(self, trials: list, force: bool = False) -> None:
-        self._last_print, self._dirty = time.monotonic(), False
-        short = self.metric.split("/", 2)[-1]
-        lines = [f"{'trial':<28} {'state':<10} {'samples':>9} {'loss':>7} {short:>14}"]
-        for t in sorted(trials, key=str):
-            r = self._latest.get(str(t), {})
-            loss, value = r.get("train/loss"), r.get(self.metric)
-            lines.append(f"{t!s:<28} {t.status:<10} {r.get('train/samples_seen', 0):>9} "
-                         f"{'' if loss is None else f'{loss:.3f}':>7} "
-                         f"{'' if value is None else f'{value:.4f}':>14}")
-        done = sum(t.status == "TERMINATED" for t in trials)
-        if not self.quiet:
-            waiting = self.total - len(trials)  # Tune creates trials as slots free up
-            more = f", {waiting} not started" if waiting > 0 else ""
-            head = f"--- trials: {done}/{self.total} finished{more} ---"
-            sys.stdout.write(head + "\n" + "\n".join(lines) + "\n")
-            sys.stdout.flush()
+    def _state(self, trial: Any, state: str) -> None:
+        if self.key in _VIEWS:
+            table, view, _ = _VIEWS[self.key]
+            table.row(str(trial)).state = state
+            view.changed(force=True)
+
+
+def failure_reason(trial: Any) -> str:
+    """One line: the exception that ended the trial (its innermost cause), not Ray's traceback."""
+    try:
+        err = trial.get_pickled_error()
+    except Exception:  # an unreadable error file: say so rather than fail the sweep's console
+        err = None
+    while err is not None and getattr(err, "cause", None) is not None and err.cause is not err:
+        err = err.cause
+    if err is None:
+        return "no error recorded"
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
 
 
 class Refit(Callback):

@@ -38,6 +38,7 @@ class SweepState:
     predict_compute: float | None
     # name, data, model, batch, extra, steps, macs_per_sample (the last two since compute accounting)
     trials: list[dict[str, Any]] = field(default_factory=list)
+    holdout: int | float | None = None  # which trials the fits' held-out check leaves out (SweepConfig)
 
 
 def state_path(sweep_dir: str | Path) -> Path:

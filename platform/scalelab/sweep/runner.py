@@ -31,6 +31,7 @@ __all__ = ["TRIAL_TAG", "run_sweep", "sweep_dir"]
 TRIAL_TAG = "scalelab.trial"
 PARENT_TAG = "scalelab.sweep_parent"
 ROOT_ENV = "SCALELAB_ROOT"
+LOG_NAME = "console.log"  # under <storage>/<sweep>: what Ray, DeepSpeed and the workers print
 TRIAL_CPUS = 0.01  # what a Tune trial's own function reserves (it only waits on its TorchTrainer)
 
 
@@ -86,33 +87,45 @@ def plan(sweep: SweepConfig, base: dict[str, Any]) -> list[Trial]:
 
 
 def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, ray_address: str | None = None,
-              verbose: bool = True) -> tuple[SweepState, list[Any]]:
-    """Run (or resume) the sweep; returns its state and the per-trial results."""
-    from scalelab.tracking import resolve_tracking_uri
+              verbose: bool = False) -> tuple[SweepState, list[Any]]:
+    """Run (or resume) the sweep; returns its state and the per-trial results.
+
+    The terminal shows a live view of the trials, then the results table, the fits and the MLflow
+    link; Ray's, DeepSpeed's and the workers' own output goes to `<storage>/<sweep>/console.log`
+    (`verbose`: to the terminal, as it comes)."""
+    from scalelab.console import session
+    from scalelab.tracking import resolve_tracking_uri, ui_url
 
     sweep = resolve_root(sweep)
     uri = resolve_tracking_uri(sweep.tracking_uri, sweep.storage)
     sweep = sweep.model_copy(update={"tracking_uri": uri})
     trials = plan(sweep, base)
     _check_local_resources(trials, ray_address)
-    state = _parent_run(sweep, trials)
-    say = print if verbose else (lambda *_: None)
-    say(f"[{sweep.name}] {len(trials)} trials; MLflow parent run {state.parent_run_id}; "
-        f"state in {sweep_dir(sweep)}")
+    log = sweep_dir(sweep) / LOG_NAME
+    with session(log, verbose=verbose) as console:
+        say = console.say
+        state = _parent_run(sweep, trials)
+        say(f"[{sweep.name}] {len(trials)} trials; MLflow parent run {state.parent_run_id}; "
+            f"state in {sweep_dir(sweep)}")
+        if not verbose:
+            say(f"[{sweep.name}] Ray, DeepSpeed and the workers' own output: {log}")
 
-    from scalelab.train.launch import ensure_ray
+        from scalelab.train.launch import ensure_ray, release_ray
 
-    ensure_ray(ray_address)
-    _tune(sweep, trials, state, say, quiet=not verbose)
-    results = collect_results(state)
-    analysis = analyse(state, results)
-    with tempfile.TemporaryDirectory(prefix="scalelab-analysis-") as scratch:
-        log_analysis(state, results, analysis, Path(scratch))
-    _finish_parent(state, results)
-    for line in summary_lines(state, results, analysis):
-        say(line)
-    say(f"open MLflow: mlflow ui --backend-store-uri {uri}  →  "
-        f"http://127.0.0.1:5000/#/experiments/{state.experiment_id}/runs/{state.parent_run_id}")
+        ensure_ray(ray_address)
+        try:
+            _tune(sweep, trials, state, console, log_path=None if verbose else log)
+        finally:
+            release_ray()
+        results = collect_results(state)
+        analysis = analyse(state, results)
+        with tempfile.TemporaryDirectory(prefix="scalelab-analysis-") as scratch:
+            log_analysis(state, results, analysis, Path(scratch))
+        _finish_parent(state, results)
+        for line in summary_lines(state, results, analysis):
+            say(line)
+        say(f"open MLflow: mlflow ui --backend-store-uri {uri}  →  "
+            f"{ui_url(state.experiment_id, state.parent_run_id)}")
     return state, results
 
 
@@ -160,7 +173,7 @@ def _parent_run(sweep: SweepConfig, trials: list[Trial]) -> SweepState:
     existing = handle.client.get_run(handle.run_id).data.params
     handle.log_params({k: v for k, v in flat.items() if k not in existing})
     state = SweepState(sweep.name, uri, experiment, handle.run_id, sweep.metric, sweep.robustness_metric,
-                       sweep.predict_compute, planned)
+                       sweep.predict_compute, planned, sweep.holdout)
     write_state(sweep_dir(sweep), state)
     handle.log_dict({"sweep": sweep.to_dict(), "trials": planned}, "sweep.json")
     return state
@@ -173,10 +186,12 @@ def _finish_parent(state: SweepState, results: list[Any]) -> None:
     RunHandle(state.tracking_uri, state.parent_run_id).finish("FINISHED" if done else "FAILED")
 
 
-def _tune(sweep: SweepConfig, trials: list[Trial], state: SweepState, say: Any, *, quiet: bool) -> Any:
+def _tune(sweep: SweepConfig, trials: list[Trial], state: SweepState, console: Any, *,
+          log_path: Path | None) -> Any:
     from ray import tune
 
-    from scalelab.sweep.live import LiveTable, Refit
+    from scalelab.console import LiveView, RunTable
+    from scalelab.sweep.live import LiveTrials, Refit
     from scalelab.sweep.trial import run_trial
 
     path = sweep_dir(sweep) / "tune"
@@ -186,7 +201,23 @@ def _tune(sweep: SweepConfig, trials: list[Trial], state: SweepState, say: Any, 
                              sweep_name=sweep.name, parent_run_id=state.parent_run_id),
         {"cpu": TRIAL_CPUS},
     )
-    callbacks = [LiveTable(sweep.metric, len(trials), quiet=quiet), Refit(state)]
+    table = RunTable(sweep.metric)
+    for t, done in zip(trials, collect_results(state)):  # a resumed sweep's finished trials show as such
+        row = table.row(t.name, steps=t.experiment.train.steps, batch=t.batch)
+        row.state, row.step = ("TERMINATED", t.experiment.train.steps) if done.finished else ("PENDING", 0)
+        row.metric = done.metrics.get(sweep.metric)
+    with LiveView(console, table) as view:
+        live = LiveTrials(f"{sweep.name}:{state.parent_run_id}", table, view, log_path)
+        try:
+            return _fit_tuner(sweep, trials, path, trainable, [live, Refit(state)], view.say)
+        finally:
+            live.close()
+
+
+def _fit_tuner(sweep: SweepConfig, trials: list[Trial], path: Path, trainable: Any, callbacks: list[Any],
+               say: Any) -> Any:
+    from ray import tune
+
     if tune.Tuner.can_restore(str(path)):
         say(f"[{sweep.name}] resuming the sweep from {path}: finished trials are kept, "
             "interrupted and failed ones continue from their checkpoints")

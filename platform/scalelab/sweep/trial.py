@@ -5,8 +5,9 @@ finds the trial's checkpoints under its run name and continues; MLflow finds the
 `scalelab.trial` tag.
 
 Tune hears about the run from this function's own thread only. `launch` runs in a helper thread; a
-Ray Train callback (`_Forward`, in the Train controller) puts each Train report (the live table's
-samples seen, loss and, in the last one, the end-of-run metrics) into a Ray queue, and this thread
+Ray Train callback (`train.progress.ForwardReports`, in the Train controller) puts each Train report
+(the live table's step, loss and rate and, in the last one, the end-of-run metrics) into a Ray queue,
+and this thread
 reports them to Tune, the last ones after `launch` returned, before it returns itself. Ray's own
 `TuneReportCallback` hands reports to Tune from the trial's main thread instead, which deadlocks Ray
 Tune 2.60 when the function returns while a forwarded report is still queued: the function's final
@@ -22,25 +23,15 @@ import threading
 from typing import Any
 
 from ray import tune
-from ray.train import UserCallback
 from ray.util.queue import Empty, Queue
 
 from scalelab.config import ExperimentConfig, validate
 from scalelab.train.launch import TrainResult, launch
+from scalelab.train.progress import ForwardReports
 
 __all__ = ["run_trial"]
 
 TRIAL_TAG = "scalelab.trial"
-
-
-class _Forward(UserCallback):
-    """Runs in the Train controller: rank 0's metrics of every report into the trial's queue."""
-
-    def __init__(self, queue: Queue) -> None:
-        self.queue = queue
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        self.queue.put(dict(metrics[0]))  # returns once the queue actor holds it
 
 
 def run_trial(config: dict[str, Any], *, experiments: dict[str, dict[str, Any]],
@@ -58,7 +49,7 @@ def run_trial(config: dict[str, Any], *, experiments: dict[str, dict[str, Any]],
         try:
             outcome["result"] = launch(cfg, parent_run_id=parent_run_id, tags=tags,
                                        run_key=(TRIAL_TAG, f"{sweep_name}/{name}"), verbose=False,
-                                       callbacks=[_Forward(queue)])
+                                       callbacks=[ForwardReports(queue)])
         except BaseException as err:  # re-raised in this thread: Tune records the trial's error
             outcome["error"] = err
         finally:

@@ -14,10 +14,12 @@ the checkpoints (Ray restores its checkpoint bookkeeping from `<storage>/<name>`
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scalelab import console
 from scalelab.config import ExperimentConfig, flatten, resolve_paths
 from scalelab.train.checkpoint import RunState, latest_checkpoint, read_run_state
 from scalelab.train.failures import RunFailed, clear_failure, read_failure
@@ -32,7 +34,7 @@ from scalelab.train.preflight import (
 )
 from scalelab.train.resume import decide_resume, run_dir
 
-__all__ = ["RunFailed", "TrainResult", "ensure_ray", "launch", "worker_env"]
+__all__ = ["RunFailed", "TrainResult", "ensure_ray", "launch", "preflight", "release_ray", "worker_env"]
 
 _PASSTHROUGH_ENV = (*FAULT_ENV, "HF_HUB_OFFLINE", "MLFLOW_DISABLE_TELEMETRY")
 # Never logged as params: a tracking URI may carry a password (postgresql://user:pw@host/db).
@@ -56,20 +58,20 @@ class TrainResult:
 
 def launch(cfg: ExperimentConfig, *, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
            run_key: tuple[str, str] | None = None, verbose: bool = True,
-           ray_address: str | None = None, callbacks: list[Any] | None = None) -> TrainResult:
+           ray_address: str | None = None, callbacks: list[Any] | None = None,
+           progress: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
     """Train `cfg` on Ray Train workers; resume its latest checkpoint if the run exists.
 
     `parent_run_id`/`tags`/`run_key` let a sweep nest the run under its parent and find it by trial id.
     `ray_address`: see `ensure_ray` (ignored when Ray is already initialised in this process).
-    `callbacks`: Ray Train callbacks (a sweep passes Tune's report callback).
+    `callbacks`: Ray Train callbacks (a sweep passes its report forwarder).
+    `progress`: called in this process with rank 0's metrics of every report (the live view).
+    `verbose`: say what happens (resume, done) on the active `console`.
     Raises ConfigError before starting anything when the config cannot run.
     """
-    cfg = resolve_paths(cfg)
-    check_experiment(cfg)
+    cfg = preflight(cfg, ray_address)
     resume = decide_resume(cfg)  # the one decision: fresh, resume from X, finished (or ConfigError)
-    if starts_local_ray(ray_address) and not _ray_initialized():
-        refuse_short_resources(cfg, local_capacity(), "this machine")
-    say = print if verbose else (lambda *_: None)
+    say = console.current().say if verbose else (lambda *_: None)
     previous = resume.state
     if resume.kind == "finished" and previous is not None and (done := _finished_run(cfg, run_key)):
         # Its MLflow run stays as it is, end time included: a resumed sweep re-visits a trial that
@@ -92,7 +94,13 @@ def launch(cfg: ExperimentConfig, *, parent_run_id: str | None = None, tags: dic
     plan = WorkerPlan(cfg, handle.run_id, uri, _macs_per_sample(cfg),
                       str(resume.checkpoint) if resume.checkpoint else None)
     try:
-        _fit(plan, callbacks or [])
+        if progress is None:
+            _fit(plan, callbacks or [])
+        else:
+            from scalelab.train.progress import forwarded_reports
+
+            with forwarded_reports(progress) as forward:
+                _fit(plan, [*(callbacks or []), forward])
     except KeyboardInterrupt:
         handle.finish("KILLED")
         raise
@@ -105,6 +113,16 @@ def launch(cfg: ExperimentConfig, *, parent_run_id: str | None = None, tags: dic
     result = _result(cfg, handle.run_id, uri, final, previous.step if previous else None)
     say(f"[{cfg.name}] done: {final.step} steps, {final.samples_seen} samples; in {result.run_dir}")
     return result
+
+
+def preflight(cfg: ExperimentConfig, ray_address: str | None = None) -> ExperimentConfig:
+    """`cfg` with its paths resolved, once it passed every check that needs no Ray (paths, model/data
+    agreement, eval folders; this machine's CPUs when a local Ray would start): ConfigError otherwise."""
+    cfg = resolve_paths(cfg)
+    check_experiment(cfg)
+    if starts_local_ray(ray_address) and not _ray_initialized():
+        refuse_short_resources(cfg, local_capacity(), "this machine")
+    return cfg
 
 
 def _raise_if_stopped(cfg: ExperimentConfig, handle: Any) -> None:
@@ -261,10 +279,12 @@ def ensure_ray(address: str | None = None) -> bool:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address not in (None, "local"):
         ray.init(address=address)
+        _OWNED.append(address)
         return False
     if address is None:
         try:
             ray.init(address="auto")
+            _OWNED.append("auto")
             return False
         except ConnectionError:
             pass
@@ -276,4 +296,19 @@ def ensure_ray(address: str | None = None) -> bool:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     ray.init(address="local", object_store_memory=1_000_000_000, include_dashboard=False)
+    _OWNED.append("local")
     return True
+
+
+_OWNED: list[str] = []  # what `ensure_ray` connected this process to (release_ray undoes it)
+
+
+def release_ray() -> None:
+    """Disconnect (a local instance: stop) what `ensure_ray` started. A command calls it before it
+    ends, so the workers' last lines, which Ray prints at shutdown, still reach the command's log."""
+    if not _OWNED:
+        return
+    import ray
+
+    _OWNED.clear()
+    ray.shutdown()

@@ -35,6 +35,7 @@ class Reporter:
 
             self.handle = RunHandle(plan.tracking_uri, plan.mlflow_run_id)
         self._t0, self._s0 = time.perf_counter(), run.step
+        self._last_t, self._last_step = self._t0, run.step
         self._logged = self.handle.last_steps() if self.handle else {}
         self._logged_loss = self.handle.history("train/loss") if "train/loss" in self._logged else {}
 
@@ -48,9 +49,17 @@ class Reporter:
         sys.__stdout__.flush()
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        """Training metrics of a logging step: the rate, MLflow, the progress line."""
-        rate = (step - self._s0) * self.cfg.train.global_batch / max(time.perf_counter() - self._t0, 1e-9)
+        """Training metrics of a logging step: the rates, MLflow, the progress line.
+
+        Two rates: `train/samples_per_s` averages since this process started training (start-up and
+        warm-up included); `train/samples_per_s_current` covers the steps since the previous logging
+        step only, so a slow-down shows at once (the live view and the ETA use it)."""
+        now, batch = time.perf_counter(), self.cfg.train.global_batch
+        rate = (step - self._s0) * batch / max(now - self._t0, 1e-9)
+        current = (step - self._last_step) * batch / max(now - self._last_t, 1e-9)
+        self._last_t, self._last_step = now, step
         metrics["train/samples_per_s"] = rate
+        metrics["train/samples_per_s_current"] = current
         if self.rank != 0:
             return
         if self.handle:
@@ -60,9 +69,9 @@ class Reporter:
             if before is not None and repr(before) != repr(values["train/loss"]):  # exact; NaN == NaN
                 self.say(f"warning: replayed step {step} gives loss {values['train/loss']!r}, the run logged "
                          f"{before!r} (kept): this run is not reproducible here")
-        left = (self.cfg.train.steps - step) * self.cfg.train.global_batch / max(rate, 1e-9)
+        left = (self.cfg.train.steps - step) * batch / max(current, 1e-9)
         self.say(f"step {step}/{self.cfg.train.steps} | loss {metrics['train/loss']:.4f} | "
-                 f"{rate:.1f} samples/s | ETA {_clock(left)}")
+                 f"{current:.1f} samples/s | ETA {_clock(left)}")
 
     def log_eval(self, metrics: dict[str, float] | None, step: int, final: bool) -> None:
         if not metrics or self.rank != 0:
