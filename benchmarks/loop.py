@@ -3,6 +3,8 @@ the step, with Ray Train's default worker poll (2 s) and with scalelab's (0.1 s)
 
     python benchmarks/loop.py                 # demo presets and batches, log_every 10, 1 and 2 trials
     python benchmarks/loop.py --quick         # nano, batch 64 only
+    python benchmarks/loop.py --polls scalelab --code before=/path/to/old/checkout --code now=.
+                                              # two versions of scalelab, row by row
 
 Why: Ray Train's controller collects a worker's `ray.train.report` when it polls the workers, every
 `RAY_TRAIN_HEALTH_CHECK_INTERVAL_S` (2 s by default), and a worker's next report blocks until the
@@ -17,11 +19,16 @@ reports and waiting included. `in-step s` = the median of `train/time/total_s` (
 `train_step`) over the logged steps. `ratio` = wall / in-step (1.00 = no overhead). With `trials 2`,
 two runs of the row train at once on the same local Ray (0.75 CPU each), each its own driver process,
 and the row gives the larger ratio of the two.
+
+`--code LABEL=ROOT` (repeatable) runs every row once per source tree: `ROOT/platform` goes first on
+PYTHONPATH of a Ray instance started for that row and of its `scalelab train` processes, so driver and
+workers run that tree's code (the installed dependencies are shared).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
@@ -33,7 +40,7 @@ from pathlib import Path
 import yaml
 
 POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-POLLS = {"Ray default (2 s)": "2.0", "scalelab (0.1 s)": "0.1"}
+POLLS = {"ray-default": "2.0", "scalelab": "0.1"}  # Ray Train's worker poll (s): its default, scalelab's
 
 
 def _world(root: Path) -> Path:
@@ -74,17 +81,36 @@ def _measure(uri: str, name: str) -> tuple[float, float]:
 
 
 def _run_rows(world: Path, root: Path, presets: list[str], batches: list[int], trials: list[int], args):
-    import ray
-
     rows = []
     for n_trials in trials:
         for preset in presets:
             for batch in batches:
-                for label, poll in POLLS.items():
-                    rows.append(_row(world, root, preset, batch, n_trials, label, poll, args))
-                    print(_format(rows[-1]), flush=True)
-    ray.shutdown()
+                for code, tree in args.code:
+                    for label in args.polls:
+                        with _ray(tree):
+                            row = _row(world, root / code, preset, batch, n_trials, label, POLLS[label], args)
+                        rows.append({**row, "code": code})
+                        print(_format(rows[-1]), flush=True)
     return rows
+
+
+@contextlib.contextmanager
+def _ray(tree: Path | None):
+    """A local Ray for one row, whose processes import scalelab from `tree` (None: as installed)."""
+    import ray
+
+    saved = os.environ.get("PYTHONPATH")
+    if tree is not None:
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(tree / "platform"), *([saved] if saved else [])])
+    try:
+        ray.init(num_cpus=2, object_store_memory=400_000_000, include_dashboard=False)
+        yield
+    finally:
+        ray.shutdown()
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
 
 
 def _row(world: Path, root: Path, preset: str, batch: int, n_trials: int, label: str, poll: str, args):
@@ -113,7 +139,7 @@ def _row(world: Path, root: Path, preset: str, batch: int, n_trials: int, label:
 
 
 def _format(r: dict) -> str:
-    return (f"| {r['preset']} | {r['batch']} | {r['trials']} | {r['poll']} | {r['wall']:.4f} | "
+    return (f"| {r['code']} | {r['preset']} | {r['batch']} | {r['trials']} | {r['poll']} | {r['wall']:.4f} | "
             f"{r['inside']:.4f} | {r['ratio']:.2f} |")
 
 
@@ -126,24 +152,27 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="nano, batch 64, one trial")
+    parser.add_argument("--polls", nargs="+", choices=sorted(POLLS), default=list(POLLS),
+                        help="worker poll intervals to run (default: both)")
+    parser.add_argument("--code", action="append", default=[], metavar="LABEL=ROOT",
+                        help="a scalelab source tree to run every row with (repeatable; default: installed)")
     args = parser.parse_args()
+    args.code = [(c.split("=", 1)[0], Path(c.split("=", 1)[1]).resolve()) for c in args.code] or [
+        ("installed", None)]
     if args.quick:
         args.presets, args.batches, args.trials = ["nano"], [64], [1]
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    import ray
-
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="scalelab-loop-") as tmp:
         root = Path(tmp)
         world = _world(root)
-        # One local Ray for every row; each run is its own `scalelab train` process attached to it.
+        # A local Ray per row; each run is its own `scalelab train` process attached to it.
         os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
-        ray.init(num_cpus=2, object_store_memory=400_000_000, include_dashboard=False)
         print(f"log_every {args.log_every}, {args.steps} steps per run\n")
-        print("| preset | batch | trials | worker poll | wall s/step | in-step s | ratio |")
-        print("|---|---|---|---|---|---|---|")
+        print("| code | preset | batch | trials | worker poll | wall s/step | in-step s | ratio |")
+        print("|---|---|---|---|---|---|---|---|")
         _run_rows(world, root, args.presets, args.batches, args.trials, args)
     print(f"\n({time.monotonic() - started:.0f} s)")
 

@@ -4,30 +4,26 @@ Runs inside a Tune trial actor. A re-run (resumed sweep, errored trial) calls `l
 finds the trial's checkpoints under its run name and continues; MLflow finds the child run by its
 `scalelab.trial` tag.
 
-Tune hears about the run from this function's own thread only. `launch` runs in a helper thread; a
-Ray Train callback (`train.progress.ForwardReports`, in the Train controller) puts each Train report
-(the live table's step, loss and rate and, in the last one, the end-of-run metrics) into a Ray queue,
-and this thread
-reports them to Tune, the last ones after `launch` returned, before it returns itself. Ray's own
-`TuneReportCallback` hands reports to Tune from the trial's main thread instead, which deadlocks Ray
-Tune 2.60 when the function returns while a forwarded report is still queued: the function's final
-(implicit) report and the forwarded one each wait for the other in the size-1 result queue (seen in
-sweeps, both threads idle; likely once Train's worker poll is fast and `fit()` returns right after its
-last report).
+Tune hears about the run from this function's own thread only. `launch` runs in a helper thread and
+hands rank 0's progress (`train.progress`: every logging step's metrics, every evaluation) to a local
+queue, which this thread reports to Tune — the last items after `launch` returned, before it returns
+itself. Reports to Tune from another thread (as Ray's own `TuneReportCallback` does from the trial's
+main thread) deadlock Ray Tune 2.60 when the function returns while such a report is still queued:
+the function's final (implicit) report and the other one each wait for the other in the size-1 result
+queue (seen in sweeps, both threads idle).
 """
 
 from __future__ import annotations
 
 import contextlib
+import queue
 import threading
 from typing import Any
 
 from ray import tune
-from ray.util.queue import Empty, Queue
 
 from scalelab.config import ExperimentConfig, validate
 from scalelab.train.launch import TrainResult, launch
-from scalelab.train.progress import ForwardReports
 
 __all__ = ["run_trial"]
 
@@ -41,7 +37,7 @@ def run_trial(config: dict[str, Any], *, experiments: dict[str, dict[str, Any]],
     data, model, batch = axes[name]
     tags = {"sweep": sweep_name, "trial": name, "trial_id": tune.get_context().get_trial_id(),
             "axis.data": str(data), "axis.model": model, "axis.batch": str(batch)}
-    queue = Queue(actor_options={"num_cpus": 0})
+    progress: queue.Queue[dict[str, Any]] = queue.Queue()
     outcome: dict[str, Any] = {}
     done = threading.Event()
 
@@ -49,17 +45,17 @@ def run_trial(config: dict[str, Any], *, experiments: dict[str, dict[str, Any]],
         try:
             outcome["result"] = launch(cfg, parent_run_id=parent_run_id, tags=tags,
                                        run_key=(TRIAL_TAG, f"{sweep_name}/{name}"), verbose=False,
-                                       callbacks=[ForwardReports(queue)])
+                                       progress=progress.put)
         except BaseException as err:  # re-raised in this thread: Tune records the trial's error
             outcome["error"] = err
         finally:
             done.set()
 
     threading.Thread(target=train, name=f"launch-{name}", daemon=True).start()
-    # Every report is queued before fit() (and so launch) returns: drained after `done`, none is lost.
-    while not (done.is_set() and queue.empty()):
-        with contextlib.suppress(Empty):
-            tune.report(queue.get(timeout=0.5))
+    # `launch` hands over every item before it returns: drained after `done`, none is lost.
+    while not (done.is_set() and progress.empty()):
+        with contextlib.suppress(queue.Empty):
+            tune.report(progress.get(timeout=0.5))
     if "error" in outcome:
         raise outcome["error"]
     _report_if_untrained(outcome["result"])

@@ -24,7 +24,7 @@ from scalelab.config import ExperimentConfig, flatten, resolve_paths
 from scalelab.train.checkpoint import RunState, latest_checkpoint, read_run_state
 from scalelab.train.failures import RunFailed, clear_failure, read_failure
 from scalelab.train.faults import FAULT_ENV
-from scalelab.train.plan import WorkerPlan
+from scalelab.train.plan import PROGRESS_KEY, WorkerPlan
 from scalelab.train.preflight import (
     check_experiment,
     check_resources,
@@ -64,8 +64,9 @@ def launch(cfg: ExperimentConfig, *, parent_run_id: str | None = None, tags: dic
 
     `parent_run_id`/`tags`/`run_key` let a sweep nest the run under its parent and find it by trial id.
     `ray_address`: see `ensure_ray` (ignored when Ray is already initialised in this process).
-    `callbacks`: Ray Train callbacks (a sweep passes its report forwarder).
-    `progress`: called in this process with rank 0's metrics of every report (the live view).
+    `callbacks`: Ray Train callbacks.
+    `progress`: called in this process with rank 0's metrics of every logging step and evaluation
+    (`train.progress`: the live view, a sweep trial's reports to Tune).
     `verbose`: say what happens (resume, done) on the active `console`.
     Raises ConfigError before starting anything when the config cannot run.
     """
@@ -97,10 +98,10 @@ def launch(cfg: ExperimentConfig, *, parent_run_id: str | None = None, tags: dic
         if progress is None:
             _fit(plan, callbacks or [])
         else:
-            from scalelab.train.progress import forwarded_reports
+            from scalelab.train.progress import progress_channel
 
-            with forwarded_reports(progress) as forward:
-                _fit(plan, [*(callbacks or []), forward])
+            with progress_channel(progress) as queue:
+                _fit(plan, callbacks or [], queue)
     except KeyboardInterrupt:
         handle.finish("KILLED")
         raise
@@ -231,7 +232,7 @@ def _macs_per_sample(cfg: ExperimentConfig) -> int:
     return preset_stats(get_spec(cfg.model.preset, **cfg.model.overrides)).macs_per_sample
 
 
-def _fit(plan: WorkerPlan, callbacks: list[Any]) -> Any:
+def _fit(plan: WorkerPlan, callbacks: list[Any], progress: Any = None) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -250,7 +251,7 @@ def _fit(plan: WorkerPlan, callbacks: list[Any]) -> Any:
     # plan names the newest complete one on storage (Train V2 has no resume_from_checkpoint).
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=plan.to_dict(),
+        train_loop_config={**plan.to_dict(), PROGRESS_KEY: progress},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(

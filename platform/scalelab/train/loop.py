@@ -27,7 +27,7 @@ from scalelab.train.compute import executed_macs, training_macs
 from scalelab.train.evaluator import Evaluator
 from scalelab.train.failures import Failure, RunStopped, write_failure
 from scalelab.train.faults import maybe_inject_fault
-from scalelab.train.plan import WorkerPlan
+from scalelab.train.plan import PROGRESS_KEY, WorkerPlan
 from scalelab.train.reporter import Reporter
 from scalelab.train.step import NonFiniteGuard, NonFiniteRunError
 from scalelab.train.stream import DataStream, quiet_data_progress
@@ -48,6 +48,7 @@ class _Worker:
 def train_worker(plan_dict: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker (see the module docstring)."""
     plan = WorkerPlan.from_dict(plan_dict)
+    progress = plan_dict.get(PROGRESS_KEY)
     ctx = ray.train.get_context()
     me = _Worker(plan, ctx.get_world_rank(), ctx.get_world_size())
     cfg = plan.experiment
@@ -55,7 +56,7 @@ def train_worker(plan_dict: dict[str, Any]) -> None:
     quiet_data_progress()
     task = make_task(cfg, me.rank, me.world)
     run, mine = _start_or_resume(me, task)
-    reporter = Reporter(plan, me.rank, run)
+    reporter = Reporter(plan, me.rank, run, progress)
     if run.step > 0:
         reporter.say(f"resumed at step {run.step} ({run.samples_seen} samples seen)")
     if run.step >= plan.steps:  # finished before (the driver says so); nothing left to do
@@ -66,6 +67,8 @@ def train_worker(plan_dict: dict[str, Any]) -> None:
         if me.rank == 0:
             write_failure(plan.run_dir, Failure(stop.reason, stop.kind, run.step))
         reporter.say(f"stopped at step {run.step}: {stop.reason}")
+    finally:
+        reporter.close()
 
 
 def _train(me: _Worker, task: Any, run: RunState, mine: RankState, reporter: Reporter) -> None:
@@ -99,8 +102,6 @@ def _train(me: _Worker, task: Any, run: RunState, mine: RankState, reporter: Rep
         if last or (cfg.run.checkpoint_every and run.step % cfg.run.checkpoint_every == 0):
             save = functools.partial(task.save, run=run, mine=stream.state())
             reporter.report(run, metrics, evaluated, save=save)
-        elif logged:
-            reporter.report(run, metrics, evaluated)
 
 
 def _start_or_resume(me: _Worker, task: Any) -> tuple[RunState, RankState]:

@@ -14,7 +14,10 @@ from typing import Any
 
 from scalelab.config import ExperimentConfig, validate
 
-__all__ = ["WorkerPlan"]
+__all__ = ["PROGRESS_KEY", "WorkerPlan"]
+
+# The train-loop config's entry beside the plan: the driver's progress queue (`train.progress`) or None.
+PROGRESS_KEY = "progress"
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,14 @@
-"""Train reports back to the driver while `fit()` runs: the live view of `scalelab train` and a sweep
-trial's reports to Tune.
+"""Progress from the training workers to the driver while `fit()` runs, without stalling training.
 
-Ray Train's callbacks run in its controller actor, not in the process that called `fit()`.
-`ForwardReports` (a `UserCallback`) puts rank 0's metrics of every report into a Ray queue as the
-controller receives them; `forwarded_reports(handle)` gives the driver one and calls `handle(metrics)`
-for each queued report from a helper thread, the last ones once `fit()` returned.
+Rank 0 sends the metrics of every logging step and evaluation (MLflow keys, plus `step`) into a Ray
+queue owned by the driver. Sending is fire-and-forget — an actor call nobody waits for, well under a
+millisecond — where a `ray.train.report` is a barrier that waits for Ray Train's controller to
+collect it (its next worker poll): reporting to Ray at every logging step cost a `nano` run a third of
+its time (BENCHMARKS.md, *Loop overhead*), so Ray Train now hears only the checkpoint reports.
+`flush` waits for the sends before it (actor calls from one caller run in order), so everything rank 0
+sent has arrived before `fit()` returns. On the driver, `progress_channel(handle)` makes the queue and
+calls `handle(metrics)` for each item from a helper thread, the last ones once `fit()` returned: the
+live view of `scalelab train`, a sweep trial's reports to Tune.
 """
 
 from __future__ import annotations
@@ -14,25 +18,16 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ray.train import UserCallback
+import ray
 from ray.util.queue import Empty, Queue
 
-__all__ = ["ForwardReports", "forwarded_reports"]
-
-
-class ForwardReports(UserCallback):
-    """Runs in the Train controller: rank 0's metrics of every report into `queue`."""
-
-    def __init__(self, queue: Queue) -> None:
-        self.queue = queue
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        self.queue.put(dict(metrics[0]))  # returns once the queue actor holds it
+__all__ = ["flush", "progress_channel", "send"]
 
 
 @contextlib.contextmanager
-def forwarded_reports(handle: Callable[[dict[str, Any]], None]) -> Iterator[ForwardReports]:
-    """The callback to give `fit()`; every report it forwards reaches `handle` before this exits."""
+def progress_channel(handle: Callable[[dict[str, Any]], None]) -> Iterator[Queue]:
+    """The queue to give the workers; every item they sent (and flushed) reaches `handle` before this
+    exits."""
     queue = Queue(actor_options={"num_cpus": 0})
     stop = threading.Event()
 
@@ -41,11 +36,23 @@ def forwarded_reports(handle: Callable[[dict[str, Any]], None]) -> Iterator[Forw
             with contextlib.suppress(Empty):
                 handle(queue.get(timeout=0.25))
 
-    thread = threading.Thread(target=pump, name="forwarded-reports", daemon=True)
+    thread = threading.Thread(target=pump, name="progress-channel", daemon=True)
     thread.start()
     try:
-        yield ForwardReports(queue)
+        yield queue
     finally:
         stop.set()
         thread.join(timeout=60)
         queue.shutdown()
+
+
+def send(queue: Queue | None, item: dict[str, Any]) -> None:
+    """Put `item` on the driver's queue without waiting (no-op without a queue)."""
+    if queue is not None:
+        queue.actor.put_nowait.remote(item)
+
+
+def flush(queue: Queue | None) -> None:
+    """Wait until every item sent from this process has arrived (no-op without a queue)."""
+    if queue is not None:
+        ray.get(queue.actor.qsize.remote())

@@ -1,8 +1,11 @@
-"""One metrics channel: the same keys to Ray (`ray.train.report`, which a sweep's live table reads) and
-to MLflow (rank 0), plus the progress line the driver shows and the checkpoint reports.
+"""One set of metric keys to three places: MLflow (rank 0), the driver's progress queue (rank 0:
+`train.progress`, the live view and a sweep's reports to Tune) and Ray Train's checkpoint reports; plus
+the progress line in the run's log.
 
-`ray.train.report` is a barrier: every rank calls `report` at the same steps, with its checkpoint share
-at checkpoint steps (written to a local folder, which Ray merges on storage). MLflow gets each metric
+`ray.train.report` is a barrier: every rank calls `report` at the same steps — the checkpoint steps,
+each with its checkpoint share (written to a local folder, which Ray merges on storage). Logging steps
+do not report to Ray: a report waits for Ray Train's controller to collect it, the progress queue does
+not. MLflow gets each metric
 at step = global step, and only past the last step the run already holds: a restart replays the steps
 after its checkpoint bit for bit (checked here: a differing replayed loss is reported), and MLflow
 appends, so a replayed step would otherwise appear twice.
@@ -20,6 +23,7 @@ import ray.train
 
 from scalelab.train.checkpoint import RunState, checkpoint_name
 from scalelab.train.plan import WorkerPlan
+from scalelab.train.progress import flush, send
 
 __all__ = ["Reporter"]
 
@@ -27,8 +31,9 @@ __all__ = ["Reporter"]
 class Reporter:
     """Every rank has one; only rank 0's talks to MLflow and the console."""
 
-    def __init__(self, plan: WorkerPlan, rank: int, run: RunState) -> None:
+    def __init__(self, plan: WorkerPlan, rank: int, run: RunState, progress: Any = None) -> None:
         self.cfg, self.rank = plan.experiment, rank
+        self.progress = progress if rank == 0 else None
         self.handle: Any = None
         if rank == 0 and plan.mlflow_run_id and plan.tracking_uri:
             from scalelab.tracking import RunHandle
@@ -62,8 +67,9 @@ class Reporter:
         metrics["train/samples_per_s_current"] = current
         if self.rank != 0:
             return
+        values = {k: float(v) for k, v in metrics.items() if v is not None}
+        send(self.progress, {**values, "step": step})
         if self.handle:
-            values = {k: float(v) for k, v in metrics.items() if v is not None}
             self.handle.log_metrics(values, step, logged=self._logged)
             before = self._logged_loss.get(step)
             if before is not None and repr(before) != repr(values["train/loss"]):  # exact; NaN == NaN
@@ -76,12 +82,17 @@ class Reporter:
     def log_eval(self, metrics: dict[str, float] | None, step: int, final: bool) -> None:
         if not metrics or self.rank != 0:
             return
+        send(self.progress, {**metrics, "step": step})
         if self.handle:
             self.handle.log_metrics(metrics, step, logged=self._logged)
             if final:
                 self.handle.log_dict(metrics, "eval/final.json")
         shown = {k.removeprefix("eval/"): v for k, v in metrics.items() if k.endswith(("top1", "i2t_r1"))}
         self.say("eval " + " | ".join(f"{k} {v:.3f}" for k, v in sorted(shown.items())))
+
+    def close(self) -> None:
+        """Everything sent to the driver has arrived (rank 0; before the worker returns)."""
+        flush(self.progress)
 
     def report(self, run: RunState, metrics: dict[str, Any], evaluated: dict[str, float] | None,
                save: Callable[[str], None] | None = None) -> None:
