@@ -216,6 +216,7 @@ class RunHandle:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self._client: mlflow.MlflowClient | None = None
+        self._pending: list[Any] = []  # MLflow's RunOperations of asynchronous batches
 
     @property
     def client(self) -> mlflow.MlflowClient:
@@ -267,14 +268,18 @@ class RunHandle:
         return omitted
 
     def log_metrics(
-        self, metrics: Mapping[str, float | None], step: int, *, logged: Mapping[str, int] | None = None
+        self, metrics: Mapping[str, float | None], step: int, *, logged: Mapping[str, int] | None = None,
+        synchronous: bool = True,
     ) -> list[str]:
         """Log metrics at `step` (the global step / samples seen, never Tune's iteration, which resets on
         resume) in one `log_batch`; returns the keys logged. None values are dropped; NaN/inf are logged
         as is, since MLflow stores them and a diverging loss must stay visible. Keys are checked with
         `metric_key`. `logged` ({key: last step already in the run}, from `last_steps`) drops the keys
         whose `step` the run already holds: MLflow appends every entry, so a resumed worker replaying
-        the steps between its checkpoint and the interruption would otherwise log them twice."""
+        the steps between its checkpoint and the interruption would otherwise log them twice.
+
+        `synchronous=False` hands the batch to MLflow's async logging thread and returns at once (the
+        timestamp is still now); `flush()` waits for every such batch and raises the first failure."""
         timestamp = int(time.time() * 1000)
         done = logged or {}
         entries = [
@@ -283,8 +288,16 @@ class RunHandle:
             if value is not None and int(step) > done.get(key, -1)
         ]
         for chunk in _chunks(entries, MAX_METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=chunk)
+            pending = self.client.log_batch(self.run_id, metrics=chunk, synchronous=synchronous)
+            if not synchronous and pending is not None:
+                self._pending.append(pending)
         return [m.key for m in entries]
+
+    def flush(self) -> None:
+        """Wait until every `synchronous=False` batch is stored; MlflowException if one failed."""
+        pending, self._pending = self._pending, []
+        for operations in pending:
+            operations.wait()
 
     def history(self, key: str) -> dict[int, float]:
         """{step: value} of one metric (the last value where a step was logged more than once)."""

@@ -97,6 +97,12 @@ def _text(width: int, depth: int, heads: int, vocab: int = 4096, context: int = 
 
 
 # --------------------------------------------------------------------------- CPU presets
+@register_preset("pico")
+def pico() -> ModelSpec:
+    """~0.04 M params (half of nano's width): the demo's smallest model, near the floor of what learns."""
+    return ModelSpec(name="pico", image=_vit(32, 8, 8, 1, 1), text=_text(8, 1, 1), embed_dim=8)
+
+
 @register_preset("nano")
 def nano() -> ModelSpec:
     """~0.05 M params: the low end of the demo's model axis (seconds per hundred steps on one core)."""

@@ -67,8 +67,7 @@ def train_worker(plan_dict: dict[str, Any]) -> None:
         if me.rank == 0:
             write_failure(plan.run_dir, Failure(stop.reason, stop.kind, run.step))
         reporter.say(f"stopped at step {run.step}: {stop.reason}")
-    finally:
-        reporter.close()
+    reporter.close()  # not on a crash: Ray restarts the group from the last checkpoint, flushed by then
 
 
 def _train(me: _Worker, task: Any, run: RunState, mine: RankState, reporter: Reporter) -> None:

@@ -69,8 +69,8 @@ class Reporter:
             return
         values = {k: float(v) for k, v in metrics.items() if v is not None}
         send(self.progress, {**values, "step": step})
-        if self.handle:
-            self.handle.log_metrics(values, step, logged=self._logged)
+        if self.handle:  # asynchronous: MLflow's thread writes while the next steps run (flushed at reports)
+            self.handle.log_metrics(values, step, logged=self._logged, synchronous=False)
             before = self._logged_loss.get(step)
             if before is not None and repr(before) != repr(values["train/loss"]):  # exact; NaN == NaN
                 self.say(f"warning: replayed step {step} gives loss {values['train/loss']!r}, the run logged "
@@ -84,20 +84,25 @@ class Reporter:
             return
         send(self.progress, {**metrics, "step": step})
         if self.handle:
-            self.handle.log_metrics(metrics, step, logged=self._logged)
+            self.handle.log_metrics(metrics, step, logged=self._logged, synchronous=False)
             if final:
                 self.handle.log_dict(metrics, "eval/final.json")
         shown = {k.removeprefix("eval/"): v for k, v in metrics.items() if k.endswith(("top1", "i2t_r1"))}
         self.say("eval " + " | ".join(f"{k} {v:.3f}" for k, v in sorted(shown.items())))
 
     def close(self) -> None:
-        """Everything sent to the driver has arrived (rank 0; before the worker returns)."""
+        """Everything logged is in MLflow and everything sent has reached the driver (rank 0; before
+        the worker returns)."""
+        if self.handle:
+            self.handle.flush()
         flush(self.progress)
 
     def report(self, run: RunState, metrics: dict[str, Any], evaluated: dict[str, float] | None,
                save: Callable[[str], None] | None = None) -> None:
         """`ray.train.report` with the MLflow keys (and `step`, MLflow's x-axis); with `save`, this
         rank's checkpoint share written by `save(folder)` goes with it."""
+        if self.handle:  # MLflow holds every step up to this report (and its checkpoint)
+            self.handle.flush()
         report = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
         report.update({"step": run.step, **(evaluated or {})})
         if save is None:

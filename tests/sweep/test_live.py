@@ -1,0 +1,64 @@
+"""The sweep's live view callbacks, driven the way Tune drives them (no Ray started)."""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+from scalelab.console import Console, LiveView, RunTable
+from scalelab.sweep.live import LiveTrials, failure_reason
+
+
+class _Wrapped(Exception):
+    """Like Ray's RayTaskError: the trial's own exception is its `cause`."""
+
+    def __init__(self, text: str, cause: BaseException) -> None:
+        super().__init__(text)
+        self.cause = cause
+
+
+class _Trial:
+    def __init__(self, name: str, status: str, error: BaseException | None = None) -> None:
+        self.name, self.status, self.error = name, status, error
+
+    def __str__(self) -> str:
+        return self.name
+
+    def get_pickled_error(self) -> BaseException | None:
+        return self.error
+
+
+def test_a_failed_trial_is_one_line_with_its_innermost_reason_and_the_log():
+    cause = RuntimeError("run 'demo--d1-nano-b64' stopped at step 40: eval set 'test' is empty\nmore detail")
+    err = _Wrapped("Traceback (most recent call last):\n  File ...\nray.exceptions.RayTaskError", cause)
+    assert failure_reason(_Trial("t", "ERROR", err)) == (
+        "RuntimeError: run 'demo--d1-nano-b64' stopped at step 40: eval set 'test' is empty")
+    assert failure_reason(_Trial("t", "ERROR")) == "no error recorded"
+
+    out = io.StringIO()
+    table = RunTable("eval/zeroshot/test/top1")
+    table.row("d1-nano-b64", steps=100, batch=64)
+    with LiveView(Console(out), table, interval=3600) as view:
+        live = LiveTrials("k", table, view, log_path="/runs/demo/console.log")
+        trial = _Trial("d1-nano-b64", "RUNNING")
+        live.on_trial_start(0, [trial], trial)
+        live.on_trial_result(1, [trial], trial, {"step": 40, "train/loss": 3.2,
+                                                 "train/samples_per_s_current": 500.0})
+        trial.status, trial.error = "ERROR", err
+        live.on_trial_error(2, [trial], trial)
+        live.close()
+    printed = out.getvalue()
+    assert ("[d1-nano-b64] failed: RuntimeError: run 'demo--d1-nano-b64' stopped at step 40: eval set 'test' "
+            "is empty; details in /runs/demo/console.log") in printed
+    assert table.rows["d1-nano-b64"].state == "ERROR" and table.rows["d1-nano-b64"].step == 40
+
+
+def test_the_callback_pickles_without_its_view_and_a_copy_elsewhere_does_nothing():
+    table = RunTable("m")
+    view = LiveView(Console(io.StringIO()), table)
+    live = LiveTrials("key2", table, view, None)
+    copy = pickle.loads(pickle.dumps(live))  # what Tune does with its callbacks for restore
+    live.close()
+    trial = _Trial("x", "RUNNING")
+    copy.on_trial_result(0, [trial], trial, {"step": 3})  # its view is gone: no error, no row
+    assert "x" not in table.rows
