@@ -196,3 +196,27 @@ def test_experiments_are_marked_model_training_for_the_mlflow_ui(store, tmp_path
     client.set_experiment_tag(older, "mlflow.experimentKind", "genai_development")  # a user's choice stays
     tracking.get_or_create_experiment("made-before-the-kind", uri)
     assert client.get_experiment(older).tags["mlflow.experimentKind"] == "genai_development"
+
+
+_RACE = """
+import sys, time
+from scalelab import tracking
+start = float(sys.argv[2])
+while time.time() < start:  # both processes touch the new store at the same moment
+    time.sleep(0.001)
+print(tracking.get_or_create_experiment("race", sys.argv[1]))
+"""
+
+
+def test_two_commands_creating_one_new_sqlite_store_at_once_both_succeed(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    start = str(time.time() + 6)  # after both interpreters have imported mlflow
+    procs = [subprocess.Popen([sys.executable, "-c", _RACE, uri, start], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    assert len({out.strip() for out, _ in outs}) == 1  # one experiment, found by both

@@ -7,6 +7,8 @@ This module knows nothing about ranks: callers log from rank 0 only.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import posixpath
 import re
@@ -85,8 +87,9 @@ def get_or_create_experiment(name: str, tracking_uri: str, artifact_root: str | 
     constraint, and the loser fetches the winner's experiment. The artifact location of an existing
     experiment is never changed.
     """
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    existing = client.get_experiment_by_name(name)
+    with _new_store_lock(tracking_uri):  # the client creates a new store (its tables) when it starts
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+        existing = client.get_experiment_by_name(name)
     if existing is None:
         location = _artifact_uri(artifact_root) if artifact_root is not None else None
         try:
@@ -111,6 +114,25 @@ def ui_url(experiment_id: str, run_id: str | None = None, base: str = "http://12
     """The MLflow UI's page of a run (or of the experiment's runs table) in its model-training view."""
     page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
     return f"{base}/{page}?{UI_VIEW_QUERY}"
+
+
+@contextlib.contextmanager
+def _new_store_lock(tracking_uri: str) -> Iterator[None]:
+    """Serialise the first touch of a sqlite store across processes: MLflow creates a new store by
+    running its migrations, and two commands doing it at once (two `scalelab train` started together
+    on a fresh storage) fail with "table _alembic_tmp_tags already exists". A file lock beside the
+    database; other stores need none."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(tracking_uri.removeprefix("sqlite:///").split("?", 1)[0])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def find_run_by_tag(tracking_uri: str, experiment_id: str, key: str, value: str) -> str | None:

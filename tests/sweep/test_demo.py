@@ -35,9 +35,9 @@ def test_world_problem_names_what_is_missing(tmp_path):
     assert "older definition" in world_problem(world, 10)
 
 
-def test_the_demo_sweep_is_a_valid_2x2x2_grid_on_the_demo_world():
+def test_the_demo_sweep_is_a_valid_grid_with_three_values_per_axis_on_the_demo_world():
     sweep, base = load_sweep(Path(__file__).resolve().parents[2] / "sweeps" / "demo.yaml")
-    assert all(len(getattr(sweep.axes, axis)) >= 2 for axis in ("data", "model", "batch"))
+    assert all(len(getattr(sweep.axes, axis)) >= 3 for axis in ("data", "model", "batch"))
     assert base["data"]["sources"] == [{"path": "runs/data/demo-easy"}] and base["data"]["cache"] is True
 
 
