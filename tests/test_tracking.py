@@ -200,9 +200,11 @@ def test_experiments_are_marked_model_training_for_the_mlflow_ui(store, tmp_path
 
 _RACE = """
 import sys, time
+from pathlib import Path
 from scalelab import tracking
-start = float(sys.argv[2])
-while time.time() < start:  # both processes touch the new store at the same moment
+folder = Path(sys.argv[2])
+(folder / f"ready-{sys.argv[3]}").touch()
+while not (folder / "go").exists():  # both processes touch the new store at the same moment
     time.sleep(0.001)
 print(tracking.get_or_create_experiment("race", sys.argv[1]))
 """
@@ -214,9 +216,13 @@ def test_two_commands_creating_one_new_sqlite_store_at_once_both_succeed(tmp_pat
     import time
 
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
-    start = str(time.time() + 6)  # after both interpreters have imported mlflow
-    procs = [subprocess.Popen([sys.executable, "-c", _RACE, uri, start], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", _RACE, uri, str(tmp_path), str(i)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready-{i}").exists() for i in range(2)):  # both have imported mlflow
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.01)
+    (tmp_path / "go").touch()
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
     assert len({out.strip() for out, _ in outs}) == 1  # one experiment, found by both

@@ -297,7 +297,7 @@ def _parser() -> argparse.ArgumentParser:
     add_sweep_commands(sub)
 
     d = sub.add_parser("demo", help="the main job: build the easy synthetic world if missing, run the "
-                       "2x2x2 demo sweep on local Ray, print the table, fits and the MLflow link")
+                       "3x3x3 demo sweep on local Ray, print the table, fits and the MLflow link")
     d.add_argument("--sweep", default="sweeps/demo.yaml", help="sweep file (default: sweeps/demo.yaml)")
     d.add_argument("--ray", default=None, metavar="ADDRESS", help="as for `scalelab train`")
     d.add_argument("--verbose", action="store_true", help="as for `scalelab sweep`")
