@@ -114,7 +114,7 @@ def test_index_and_validate_count_the_real_pairs_and_the_bad_ones(corpus, prepar
     assert (corpus.train / "tokenizer.json").is_file() and "kind=bpe" in prepared["tokenizer"]
 
 
-def test_bad_configs_are_refused_before_anything_starts(corpus, prepared, tmp_path):
+def test_bad_configs_are_refused_before_anything_starts(corpus, prepared, tmp_path, capsys):
     # shards straight from img2dataset, not indexed yet: the error says which command to run
     raw = tmp_path / "raw"
     raw.mkdir()
@@ -122,9 +122,8 @@ def test_bad_configs_are_refused_before_anything_starts(corpus, prepared, tmp_pa
     exp = _experiment(corpus, tmp_path / "runs")
     exp["data"]["sources"] = [{"path": str(raw)}]
     (tmp_path / "raw.yaml").write_text(yaml.safe_dump(exp))
-    out = _scalelab("train", str(tmp_path / "raw.yaml"), "--ray", "local")
-    assert out.returncode == 2, out.stdout + out.stderr
-    assert "data.sources[0].path" in out.stderr and f"scalelab data index {raw}" in out.stderr
+    out = _refused(capsys, "train", str(tmp_path / "raw.yaml"), "--ray", "local")
+    assert "data.sources[0].path" in out and f"scalelab data index {raw}" in out
 
     # an eval folder whose template has no placeholder: named with the set and both conventions
     bad = tmp_path / "zeroshot"
@@ -133,11 +132,22 @@ def test_bad_configs_are_refused_before_anything_starts(corpus, prepared, tmp_pa
     exp = _experiment(corpus, tmp_path / "runs")
     exp["eval"]["sets"] = {"mine": str(bad)}
     (tmp_path / "templates.yaml").write_text(yaml.safe_dump(exp))
-    out = _scalelab("train", str(tmp_path / "templates.yaml"), "--ray", "local")
-    assert out.returncode == 2, out.stdout + out.stderr
-    assert "eval.sets.mine" in out.stderr and "an icon of a category." in out.stderr
-    assert "{}" in out.stderr and "{c}" in out.stderr
-    assert "Traceback" not in out.stderr and not (tmp_path / "runs" / "icons").exists()
+    out = _refused(capsys, "train", str(tmp_path / "templates.yaml"), "--ray", "local")
+    assert "eval.sets.mine" in out and "an icon of a category." in out
+    assert "{}" in out and "{c}" in out
+    assert "Traceback" not in out and not (tmp_path / "runs" / "icons").exists()
+
+
+def _refused(capsys, *args: str) -> str:
+    """The `scalelab` command in this process (a refusal happens before Ray or any run exists): exit
+    status 2 and the one-line error on stderr, which is returned."""
+    from scalelab.cli import main
+
+    capsys.readouterr()
+    assert main(list(args)) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("scalelab: config error: ") and captured.err.count("\n") == 1, captured
+    return captured.err
 
 
 # --------------------------------------------------------------------------- training and results

@@ -3,6 +3,8 @@ import pytest
 
 from scalelab.scaling import fit_frontier, fit_power_law
 
+from .reference import per_bin_argmin
+
 
 def _noisy_power_law(n=40, a=3.0, b=-0.3, c=0.0, sigma=0.02, seed=0):
     rng = np.random.default_rng(seed)
@@ -94,22 +96,10 @@ def _dominated_data(bins=5, per_bin=4, seed=0):
     return c, e, new_best
 
 
-def _per_bin_argmin(c, e, bins):
-    lc = np.log10(c)
-    edges = np.linspace(lc.min(), lc.max(), bins + 1)
-    out = []
-    for k in range(bins):
-        hi_ok = lc <= edges[k + 1] if k == bins - 1 else lc < edges[k + 1]
-        members = np.flatnonzero((lc >= edges[k]) & hi_ok)
-        if members.size:
-            out.append(int(members[np.argmin(e[members])]))
-    return out
-
-
 def test_frontier_keeps_exactly_the_per_bin_minima():
     c, e, best = _dominated_data()
     fit = fit_frontier(c, e, bins=5, bootstrap=200)
-    assert list(fit.frontier_idx) == _per_bin_argmin(c, e, 5)
+    assert list(fit.frontier_idx) == per_bin_argmin(np.log10(c), e, 5)
     assert sorted(fit.frontier_idx, key=lambda i: c[i]) == sorted(best, key=lambda i: c[i])
     assert fit.n_points == 5
     np.testing.assert_allclose([fit.A, fit.B], [2.0, -0.1], rtol=1e-9)
@@ -135,7 +125,7 @@ def test_frontier_fit_matches_polyfit_on_frontier_points():
     e = 5.0 * c**-0.08 * np.exp(rng.normal(0, 0.05, 80)) * rng.uniform(1.0, 1.5, 80)
     fit = fit_frontier(c, e, bins=8)
     idx = list(fit.frontier_idx)
-    assert idx == _per_bin_argmin(c, e, 8)
+    assert idx == per_bin_argmin(np.log10(c), e, 8)
     slope, intercept = np.polyfit(np.log10(c[idx]), np.log10(e[idx]), 1)
     np.testing.assert_allclose([fit.A, fit.B], [10**intercept, slope], rtol=1e-10)
     assert fit.predict(c[idx]) == pytest.approx(10 ** np.polyval([slope, intercept], np.log10(c[idx])))

@@ -17,6 +17,7 @@ from scalelab.scaling import (
 from scalelab.scaling.fits import fit_frontier
 
 from .conftest import METRIC, make_grid
+from .reference import per_bin_argmin
 
 LOSS = "train/loss"  # a "lower is better" metric: the error is the value itself
 
@@ -35,17 +36,6 @@ def _data_sweep(n=8, b=-0.1, noise=0.005, seed=0, plateau_last=0) -> list[TrialR
             metrics={LOSS: err}, curve=[(10, 5.5), (2 * int(d), 5.0)]))
     for r in out[n - plateau_last:]:
         r.metrics[LOSS] = out[n - plateau_last - 1].metrics[LOSS]
-    return out
-
-
-def _per_bin_argmin(lc, e, bins):
-    edges = np.linspace(lc.min(), lc.max(), bins + 1)
-    out = []
-    for k in range(bins):
-        hi_ok = lc <= edges[k + 1] if k == bins - 1 else lc < edges[k + 1]
-        members = np.flatnonzero((lc >= edges[k]) & hi_ok)
-        if members.size:
-            out.append(int(members[np.argmin(e[members])]))
     return out
 
 
@@ -73,7 +63,7 @@ def test_holdout_fits_match_a_naive_numpy_reference():
     assert [t["trial_id"] for t in ho["trials"]] == ["d9", "d8"]  # largest compute first
     lc = np.log10([r.compute for r in rest])
     le = np.log10([r.metrics[LOSS] for r in rest])
-    idx = _per_bin_argmin(lc, 10**le, 4)
+    idx = per_bin_argmin(lc, 10**le, 4)
     assert [p["trial_id"] for p in ho["frontier"]["points"]] == [rest[i].trial_id for i in idx]
     slope, intercept = np.polyfit(lc[idx], le[idx], 1)
     fr = ho["frontier"]

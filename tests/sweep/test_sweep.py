@@ -36,7 +36,7 @@ HELD = "d256-micro-b32"  # held at step 4 of 8 in the first run
 
 
 def _write_sweep(tmp_path: Path, smoke_config) -> Path:
-    base = smoke_config(tmp_path / "unused", {"run": {"log_every": 2, "checkpoint_every": 2}})
+    base = smoke_config(tmp_path / "unused", {"run": {"log_every": 2, "checkpoint_every": 4}})
     base = base.model_copy(update={"eval": EvalConfig(sets={"test": base.eval.sets["test"]})}).to_dict()
     del base["run"]["storage"]  # the sweep sets it
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
