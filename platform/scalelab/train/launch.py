@@ -33,10 +33,11 @@ from scalelab.train.preflight import (
     starts_local_ray,
 )
 from scalelab.train.resume import decide_resume, run_dir
+from scalelab.train.timeline import TIMELINE_ENV, mark
 
 __all__ = ["RunFailed", "TrainResult", "ensure_ray", "launch", "preflight", "release_ray", "worker_env"]
 
-_PASSTHROUGH_ENV = (*FAULT_ENV, "HF_HUB_OFFLINE", "MLFLOW_DISABLE_TELEMETRY")
+_PASSTHROUGH_ENV = (*FAULT_ENV, TIMELINE_ENV, "HF_HUB_OFFLINE", "MLFLOW_DISABLE_TELEMETRY")
 # Never logged as params: a tracking URI may carry a password (postgresql://user:pw@host/db).
 _UNLOGGED_PARAMS = ("run.tracking_uri",)
 _POLL_ENV, _POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"
@@ -70,6 +71,7 @@ def launch(cfg: ExperimentConfig, *, parent_run_id: str | None = None, tags: dic
     `verbose`: say what happens (resume, done) on the active `console`.
     Raises ConfigError before starting anything when the config cannot run.
     """
+    mark("launch")
     cfg = preflight(cfg, ray_address)
     resume = decide_resume(cfg)  # the one decision: fresh, resume from X, finished (or ConfigError)
     say = console.current().say if verbose else (lambda *_: None)
@@ -89,7 +91,9 @@ def launch(cfg: ExperimentConfig, *, parent_run_id: str | None = None, tags: dic
         say(f"[{cfg.name}] finished ({previous.step} steps); its MLflow run is marked FINISHED now")
         handle.finish("FINISHED")
         return _result(cfg, handle.run_id, uri, previous, previous.step)
+    mark("mlflow_run")
     started_local = ensure_ray(ray_address)
+    mark("ray")
     _check_ray_resources(cfg, started_local, say)
     clear_failure(run_dir(cfg))
     plan = WorkerPlan(cfg, handle.run_id, uri, _macs_per_sample(cfg),
@@ -108,11 +112,13 @@ def launch(cfg: ExperimentConfig, *, parent_run_id: str | None = None, tags: dic
     except BaseException:
         handle.finish("FAILED")
         raise
+    mark("fit_returned")
     _raise_if_stopped(cfg, handle)
     handle.finish("FINISHED")
     final = read_run_state(latest_checkpoint(run_dir(cfg)))
     result = _result(cfg, handle.run_id, uri, final, previous.step if previous else None)
     say(f"[{cfg.name}] done: {final.step} steps, {final.samples_seen} samples; in {result.run_dir}")
+    mark("launch_returned")
     return result
 
 

@@ -32,6 +32,7 @@ from scalelab.train.reporter import Reporter
 from scalelab.train.step import NonFiniteGuard, NonFiniteRunError
 from scalelab.train.stream import DataStream, quiet_data_progress
 from scalelab.train.task import make_task
+from scalelab.train.timeline import mark
 
 __all__ = ["starting_checkpoint", "train_worker"]
 
@@ -47,6 +48,7 @@ class _Worker:
 
 def train_worker(plan_dict: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker (see the module docstring)."""
+    mark("worker_entered")
     plan = WorkerPlan.from_dict(plan_dict)
     progress = plan_dict.get(PROGRESS_KEY)
     ctx = ray.train.get_context()
@@ -55,8 +57,10 @@ def train_worker(plan_dict: dict[str, Any]) -> None:
     torch.set_num_threads(cfg.train.threads_per_worker or max(1, round(cfg.train.cpus_per_worker + 0.49)))
     quiet_data_progress()
     task = make_task(cfg, me.rank, me.world)
+    mark("engine_built", rank=me.rank)
     run, mine = _start_or_resume(me, task)
     reporter = Reporter(plan, me.rank, run, progress)
+    mark("reporter_ready", rank=me.rank)
     if run.step > 0:
         reporter.say(f"resumed at step {run.step} ({run.samples_seen} samples seen)")
     if run.step >= plan.steps:  # finished before (the driver says so); nothing left to do
@@ -67,6 +71,7 @@ def train_worker(plan_dict: dict[str, Any]) -> None:
         if me.rank == 0:
             write_failure(plan.run_dir, Failure(stop.reason, stop.kind, run.step))
         reporter.say(f"stopped at step {run.step}: {stop.reason}")
+    mark("train_done", rank=me.rank)
     reporter.close()  # not on a crash: Ray restarts the group from the last checkpoint, flushed by then
 
 
@@ -77,10 +82,12 @@ def _train(me: _Worker, task: Any, run: RunState, mine: RankState, reporter: Rep
     guard = NonFiniteGuard(cfg.train.max_skipped_steps)
     if run.nonfinite:
         guard.load_state_dict(run.nonfinite)
+    mark("stream_ready", rank=me.rank)
     while run.step < plan.steps:
         maybe_inject_fault(run.step, me.rank, cfg.name)
         metrics = task.step(stream.next(), run.step)
-        run.advance(cfg.train.global_batch)  # a skipped step advances too: its batch was consumed
+        run.advance(cfg.train.global_batch)
+        mark("step", rank=me.rank, step=run.step)  # a skipped step advances too: its batch was consumed
         last = run.step == plan.steps
         stop = _observe(guard, metrics, run.step)
         metrics.update({"train/samples_seen": run.samples_seen, "train/epoch": stream.epoch,
@@ -101,6 +108,7 @@ def _train(me: _Worker, task: Any, run: RunState, mine: RankState, reporter: Rep
         if last or (cfg.run.checkpoint_every and run.step % cfg.run.checkpoint_every == 0):
             save = functools.partial(task.save, run=run, mine=stream.state())
             reporter.report(run, metrics, evaluated, save=save)
+            mark("checkpoint_reported", rank=me.rank, step=run.step)
 
 
 def _start_or_resume(me: _Worker, task: Any) -> tuple[RunState, RankState]:
