@@ -17,6 +17,9 @@ rank 0 mark each phase (train/timeline.py), the table gives the seconds between 
 - `warm-up`: the first 10 steps beyond 10 steady steps; `steady s/step`: the median step interval over
   the rest; `end`: the final evaluation, checkpoint and report; `exit`: `fit()` returning, the summary,
   Ray's shutdown and the process exit.
+- Trials of a sweep share their storage, and with it the decoded subsets (data/subset_cache.py): so do
+  the rows here (one storage per tree, data size and round), so the first preset of each data size
+  decodes and the later ones load it, as the trials of a sweep do.
 - `fixed` = total − steps × steady s/step; `per trial` = fixed − cli − ray − exit, what a sweep trial
   pays (a sweep starts Python and Ray once). The final evaluation is inside `end`, also shown alone.
 
@@ -63,7 +66,7 @@ def _world(args: argparse.Namespace, scratch: Path) -> Path:
 def _command(world: Path, storage: Path, preset: str, pairs: int, args: argparse.Namespace) -> list[str]:
     sets = {name: world / "eval" / name for name in ("test", "v2", "sketch", "texture")}
     overrides = {
-        "name": f"startup-{preset}-{pairs}", "model.preset": preset, "data.sources": f"[{{path: {world}}}]",
+        "name": f"startup-{preset}", "model.preset": preset, "data.sources": f"[{{path: {world}}}]",
         "data.n_pairs": pairs, "train.global_batch": args.batch,
         "train.micro_batch_size": min(args.batch, 64),
         "train.steps": args.steps, "train.cpus_per_worker": 0.75, "run.storage": storage,
@@ -134,10 +137,12 @@ def main() -> None:
         scratch = Path(tmp)
         world = _world(args, scratch)
         for round_ in range(args.rounds):
-            for preset in args.presets.split(","):
-                for pairs in args.pairs:
+            for pairs in args.pairs:
+                for preset in args.presets.split(","):
                     for label, code in codes:  # alternating trees: noise hits both alike
-                        storage = scratch / f"runs-{label}-{preset}-{pairs}-{round_}"
+                        # one storage per tree, data size and round, as a sweep's trials share theirs:
+                        # the first preset of a data size decodes it, the next find it on disk
+                        storage = scratch / f"runs-{label}-{pairs}-{round_}"
                         result = _run(code, _command(world, storage, preset, pairs, args), scratch)
                         rows.setdefault((label, preset, pairs), []).append(result)
                         shown = " ".join(f"{k} {v:.2f}" for k, v in result.items())

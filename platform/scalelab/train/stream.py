@@ -8,18 +8,20 @@ no full batch at all ends the run once (`RunStopped`: more epochs would not chan
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from scalelab.config import ExperimentConfig
-from scalelab.data.pipeline import build_dataset, decode_subset, iter_cached_epoch, iter_train_batches
+from scalelab.data.pipeline import build_dataset, iter_cached_epoch, iter_train_batches
+from scalelab.data.subset_cache import cached_decode
 from scalelab.train.checkpoint import RankState
 from scalelab.train.ds_config import batch_geometry
 from scalelab.train.failures import RunStopped
 
-__all__ = ["DataStream", "all_ranks_true", "quiet_data_progress"]
+__all__ = ["DataStream", "all_ranks_true", "quiet_data_progress", "subset_cache_dir"]
 
 
 class DataStream:
@@ -35,9 +37,9 @@ class DataStream:
 
     def _open(self, start: int) -> None:
         data = self.cfg.data
-        if data.cache:  # decoded once per worker; every epoch then reorders it in memory
+        if data.cache:  # decoded once (or found on disk); every epoch then reorders it in memory
             if self._cached is None:
-                self._cached = decode_subset(data)
+                self._cached = cached_decode(data, subset_cache_dir(self.cfg))
             rows = iter_cached_epoch(self._cached, data, self.epoch, rank=self.rank, world_size=self.world)
             self._it = iter_train_batches(rows, self.batch, start_sample=start)
             return
@@ -92,6 +94,14 @@ class DataStream:
             for reason, n in part.items():
                 total[reason] = total.get(reason, 0) + n
         return {f"data/skipped/{reason}": n for reason, n in sorted(total.items())}
+
+
+def subset_cache_dir(cfg: ExperimentConfig) -> Path | None:
+    """Where decoded subsets are kept between runs (`data/subset_cache.py`): beside the runs on a local
+    `run.storage`, shared by a sweep's trials; None (no disk cache) on a remote filesystem URI."""
+    if "://" in cfg.run.storage:
+        return None
+    return Path(cfg.run.storage) / ".cache" / "decoded"
 
 
 def all_ranks_true(flag: bool) -> bool:
