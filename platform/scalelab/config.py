@@ -204,11 +204,27 @@ class LossConfig(Frozen):
 class OptimConfig(Frozen):
     """Optimizer and learning-rate schedule."""
 
-    name: Literal["adamw", "adafactor"] = Field("adamw", description="AdamW, or Adafactor (BASIC).")
+    name: Literal["adamw", "adafactor", "lion", "adafactor_bv"] = Field(
+        "adamw",
+        description="'adamw' (torch); 'adafactor' (torch's Adafactor, as BASIC: lr is a relative step cap); "
+        "'lion' (timm's Lion: sign of interpolated momentum; its lr is typically 3-10x smaller than AdamW's "
+        "and its weight_decay 3-10x larger, nothing is rescaled for you); 'adafactor_bv' (timm's "
+        "big_vision Adafactor: factored second moment, momentum betas[0] kept in bf16, no update clipping, "
+        "beta2 = min(0.999, 1 - t^-0.8); lr is an absolute step as AdamW's; ZeRO-0 only). "
+        "Details: scalelab/train/optim.py.",
+    )
     lr: float = Field(5e-4, gt=0, description="Peak learning rate.")
-    weight_decay: float = Field(0.1, ge=0, description="Decoupled weight decay.")
-    betas: tuple[float, float] = Field((0.9, 0.98), description="Adam betas.")
-    eps: float = Field(1e-6, gt=0, description="Adam epsilon.")
+    weight_decay: float = Field(
+        0.1, ge=0, description="Decoupled weight decay, every optimizer: theta <- theta - lr_t * "
+        "weight_decay * theta (scaled by the scheduled lr); never on norms, biases, position tables, "
+        "temperature."
+    )
+    betas: tuple[float, float] = Field(
+        (0.9, 0.98), description="adamw: Adam's (beta1, beta2). lion: (beta1 = interpolation of the update's "
+        "sign, beta2 = momentum decay); the Lion paper uses (0.9, 0.99). adafactor_bv: betas[0] is its "
+        "momentum, betas[1] is unused. adafactor: unused."
+    )
+    eps: float = Field(1e-6, gt=0, description="Adam epsilon (adamw only; the others keep their own).")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps before cosine decay.")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final lr as a fraction of the peak.")
     grad_clip: float | None = Field(1.0, gt=0, description="Global gradient-norm clip; None disables.")

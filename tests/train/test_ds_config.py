@@ -7,6 +7,7 @@ import pytest
 
 from scalelab.config import ConfigError, OptimConfig, TrainConfig
 from scalelab.train.ds_config import batch_geometry, deepspeed_config
+from scalelab.train.optim import OPTIMIZERS
 
 
 def _cfg(train, optim=None, world=1):
@@ -86,3 +87,21 @@ def test_engine_free_modules_import_no_framework():
     code = f"import sys, {mods}\nprint(sorted(m for m in ('ray', 'deepspeed', 'mlflow') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_only_adafactor_bv_is_refused_and_only_where_deepspeed_flattens(name, stage, precision):
+    """ZeRO-1/2/3 flatten, in either precision; ZeRO-0 does not (ds_config and optim docstrings)."""
+    train = TrainConfig(global_batch=8, micro_batch_size=8, zero_stage=stage, precision=precision)
+    optim = OptimConfig(name=name)
+    if name == "adafactor_bv" and stage > 0:
+        with pytest.raises(ConfigError) as error:
+            _cfg(train, optim)
+        text = str(error.value)
+        assert text.startswith(f"optim.name=adafactor_bv cannot run with train.zero_stage={stage}: "
+                               f"ZeRO-{stage} steps the optimizer on flat 1-D partitions")
+        assert "factored" in text and "train.zero_stage=0" in text
+    else:
+        assert _cfg(train, optim)["zero_optimization"] == {"stage": stage}

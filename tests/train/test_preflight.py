@@ -104,6 +104,13 @@ def _refused(config: Path, sets: list[str], capsys) -> str:
         (["train.steps=20", "optim.warmup_steps=30"], "optim.warmup_steps=30 must be below train.steps=20"),
         (["train.steps=20", "optim.warmup_steps=20"], "optim.warmup_steps=20 must be below train.steps=20"),
         (["optim.betas=[0.9, 1.5]"], "optim (adamw): Invalid beta parameter"),
+        (["optim.name=lion", "optim.betas=[0.9, 1.0]"], "optim (lion): Invalid beta parameter at index 1"),
+        # smoke.yaml runs ZeRO-2: DeepSpeed would hand big_vision's Adafactor flat partitions
+        (["optim.name=adafactor_bv"], "optim.name=adafactor_bv cannot run with train.zero_stage=2: ZeRO-2 "
+         "steps the optimizer on flat 1-D partitions"),
+        (["optim.name=adafactor_bv", "train.zero_stage=3", "train.precision=bf16"],
+         "optim.name=adafactor_bv cannot run with train.zero_stage=3"),
+        (["optim.name=sgd"], "optim.name"),
         (["train.micro_batch_size=0"], "train.micro_batch_size"),
         (["run.storage=/etc/hostname/runs"], "run.storage: /etc/hostname/runs is not writable"),
         (["train.cpus_per_worker=1000"], "× (train.cpus_per_worker=1000.0 + data.decode_cpus=0.25"),
@@ -186,6 +193,17 @@ def test_local_ray_is_predicted_without_starting_it(monkeypatch, tmp_path):
 def test_valid_config_passes_the_checks(smoke_config, tmp_path):
     check_experiment(smoke_config(tmp_path))
     assert check_resume(smoke_config(tmp_path)) is None
+
+
+@pytest.mark.parametrize("overrides", [
+    {"optim": {"name": "lion", "lr": 2e-4, "weight_decay": 0.5, "betas": [0.9, 0.99]}},  # any stage
+    {"optim": {"name": "lion"}, "train": {"zero_stage": 3, "precision": "bf16"}},
+    {"optim": {"name": "adafactor_bv"}, "train": {"zero_stage": 0, "precision": "fp32"}},
+    {"optim": {"name": "adafactor_bv"}, "train": {"zero_stage": 0, "precision": "bf16"}},
+    {"optim": {"name": "adafactor"}, "train": {"zero_stage": 3, "precision": "bf16"}},  # caveat, not refused
+])
+def test_each_optimizer_passes_where_it_runs(smoke_config, tmp_path, overrides):
+    check_experiment(smoke_config(tmp_path, overrides))
 
 
 def test_resume_on_another_worker_count_is_refused(smoke_config, tmp_path):

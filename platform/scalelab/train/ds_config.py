@@ -21,6 +21,12 @@ so `train_micro_batch_size_per_gpu` is nominal: ceil(per_rank / GAS), the mean r
 call rounded up. train_batch_size then equals global_batch whenever GAS divides the per-rank batch,
 and overstates it by < world × GAS rows otherwise. DeepSpeed uses these two numbers only for its own
 data loader (not used) and throughput printouts; gradients never depend on them.
+
+Which optimizers a config can wrap: ZeRO-1/2/3 step the wrapped optimizer on flat 1-D fp32 partitions
+instead of the parameters (ZeRO-0 steps the parameters, or in bf16 fp32 master copies of the same
+shapes). An elementwise optimizer (AdamW, Lion) computes the same update on them; big_vision's Adafactor
+(`adafactor_bv`) would silently become an unfactored one, so such configs are refused
+(`refuse_flattening_optimizer`, train/optim.py).
 """
 
 from __future__ import annotations
@@ -31,9 +37,15 @@ from typing import Any
 
 from scalelab.config import ConfigError, OptimConfig, TrainConfig
 
-__all__ = ["BatchGeometry", "batch_geometry", "deepspeed_config"]
+__all__ = ["SHAPE_DEPENDENT_OPTIMIZERS", "BatchGeometry", "batch_geometry", "deepspeed_config",
+           "refuse_flattening_optimizer"]
 
 STEPS_PER_PRINT = 1 << 30  # DeepSpeed's own progress lines; we log through MLflow instead
+
+# Optimizers whose update of a parameter depends on its shape (a factored second moment), refused where
+# DeepSpeed flattens. torch's `adafactor` is shape-dependent too but accepted there with a documented
+# caveat (train/optim.py): the BASIC presets run it under bf16 ZeRO-2/3, where nothing else fits.
+SHAPE_DEPENDENT_OPTIMIZERS = frozenset({"adafactor_bv"})
 
 
 @dataclass(frozen=True)
@@ -89,6 +101,7 @@ def deepspeed_config(
             f"gives {geometry.image_micro_batches} image micro-batches of <= {train.micro_batch_size} and "
             f"{geometry.text_micro_batches} text micro-batches, i.e. {geometry.backward_calls} backward calls"
         )
+    refuse_flattening_optimizer(train, optim)
     micro = math.ceil(geometry.per_rank_batch / micro_batches)
     return {
         "train_micro_batch_size_per_gpu": micro,
@@ -106,3 +119,23 @@ def deepspeed_config(
         "steps_per_print": STEPS_PER_PRINT,
         "wall_clock_breakdown": False,
     }
+
+
+def refuse_flattening_optimizer(train: TrainConfig, optim: OptimConfig) -> None:
+    """ConfigError when DeepSpeed would hand a shape-dependent optimizer flat partitions (module docstring).
+
+    Where it happens, in DeepSpeed 0.19.8's `DeepSpeedEngine._configure_optimizer`: ZeRO 1-3 (fp32 or
+    bf16) wrap the optimizer in a ZeRO or BF16 optimizer over flat partitions. ZeRO-0 fp32 steps the
+    parameters themselves, and ZeRO-0 bf16 wraps any optimizer but DeepSpeed's FusedAdam in
+    `FP16_UnfusedOptimizer`, over one fp32 master copy *per parameter*, of its shape
+    (tests/train/test_optim.py checks both).
+    """
+    if optim.name in SHAPE_DEPENDENT_OPTIMIZERS and train.zero_stage > 0:
+        raise ConfigError(
+            f"optim.name={optim.name} cannot run with train.zero_stage={train.zero_stage}: "
+            f"ZeRO-{train.zero_stage} steps the optimizer on flat 1-D partitions of each parameter group, "
+            "not on the parameters, so it would silently lose its factored (per-row / per-column) second "
+            "moment of weight matrices and become a different, unfactored optimizer. Use "
+            "train.zero_stage=0 (fp32 or bf16), or optim.name=lion or adamw (elementwise: exact under "
+            "every stage)"
+        )
