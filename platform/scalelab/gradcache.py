@@ -358,15 +358,18 @@ def _loss_and_grads(
     world, rank = _world(distributed)
     img_all = all_gather(img) if world > 1 else img
     txt_all = all_gather(txt) if world > 1 else txt
-    img_leaf = img_all.detach().requires_grad_(True)
-    txt_leaf = txt_all.detach().requires_grad_(True)
-    scale_leaf = logit_scale.detach().clone().requires_grad_(True)
+    # The loss in at least fp32 (bf16 embeddings: logits of a large batch summed in bf16 lose the
+    # small differences the loss is about); fp32/fp64 embeddings are used as they are.
+    dtype = torch.promote_types(img_all.dtype, torch.float32)
+    img_leaf = img_all.detach().to(dtype).requires_grad_(True)
+    txt_leaf = txt_all.detach().to(dtype).requires_grad_(True)
+    scale_leaf = logit_scale.detach().to(dtype).clone().requires_grad_(True)
     leaves = [img_leaf, txt_leaf, scale_leaf]
     with torch.enable_grad():
         if loss == "softmax":
             value = contrastive_loss(img_leaf, txt_leaf, scale_leaf.exp(), block_size=block_size)
         else:
-            bias_leaf = logit_bias.detach().clone().requires_grad_(True)
+            bias_leaf = logit_bias.detach().to(dtype).clone().requires_grad_(True)
             leaves.append(bias_leaf)
             value = sigmoid_loss(img_leaf, txt_leaf, scale_leaf.exp(), bias_leaf, block_size=block_size)
         # Checked after the gather: a NaN in one rank's rows then reaches every rank's loss, and the

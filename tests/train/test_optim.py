@@ -278,8 +278,8 @@ for run in job["runs"]:
     model.load_state_dict(job["start"])
     engine, _ = build_engine(model, cfg, world_size=1)
     assert zero_stage(engine) == cfg.train.zero_stage
-    dtype = next(engine.module.parameters()).dtype  # train_step leaves float32 images as they come
-    metrics = [train_step(engine, images.to(dtype), tokens, cfg, step=s)
+    # float32 images as the data pipeline gives them, also to a bf16 module (train_step casts them)
+    metrics = [train_step(engine, images, tokens, cfg, step=s)
                for s, (images, tokens) in enumerate(job["batches"])]
     params = list(engine.module.named_parameters())
     master = {n: deepspeed.utils.safe_get_full_fp32_param(p) for n, p in params}  # None at ZeRO-0 fp32

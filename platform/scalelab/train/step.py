@@ -74,6 +74,9 @@ def train_step(
         )
     lr = lr_for(step, cfg.optim, cfg.train.steps)
     apply_lr(engine.optimizer, lr)
+    # Under bf16 DeepSpeed keeps the module in bf16 and casts inputs in `engine.forward`, which the
+    # gradient cache bypasses (it calls the module itself): cast the images here (tokens are ids).
+    images = images.to(_compute_dtype(engine.module))
 
     backward = _EngineBackward(engine, geometry.backward_calls)
     result = cached_step(
@@ -101,6 +104,14 @@ def train_step(
     metrics["train/time/optimizer_s"] = t_opt
     metrics["train/time/total_s"] = time.perf_counter() - t_start
     return metrics
+
+
+def _compute_dtype(module: Any) -> torch.dtype:
+    """The floating dtype the module computes in (its first floating parameter's; fp32 if none)."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
 
 
 class _EngineBackward:
