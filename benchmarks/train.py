@@ -33,6 +33,11 @@ global batch split in half) with the threads divided between them, so every row 
 cores. On a 2-core machine two workers therefore do not add hardware: they add all-gathers,
 gradient all-reduces and a second Python process competing for the same two cores.
 
+`loop wall / in-step` (on the 1-worker ZeRO-2 cached row of each preset, the demo's setup; `--no-loop`
+skips it): the same preset trained for real by `scalelab train` (the worker loop with data, logging
+every 10 steps to MLflow and the live view, checkpoint at the end), its wall time per step over the
+time inside `train_step`, measured as benchmarks/loop.py does (1.00 = the loop adds nothing).
+
 Each worker count is one `TorchTrainer.fit()`; inside it, each (preset, ZeRO stage, step kind)
 builds a fresh model and DeepSpeed engine in the same processes. Output: one markdown table, the
 ratio column relative to the 1-worker ZeRO-0 cached row of the same preset.
@@ -50,6 +55,8 @@ import time
 from pathlib import Path
 
 ZERO_STAGES = (0, 2, 3)
+LOOP_ROW = (1, 2, "cached")  # (workers, zero, step): the row the loop ratio belongs to (the demo's setup)
+LOOP_STEPS = 200
 KINDS = ("cached", "1 mb")
 
 
@@ -164,21 +171,44 @@ def _fit(
     return json.loads(out.read_text())
 
 
-def _table(rows: list[dict], batch: int, threads: dict[int, int]) -> str:
+def _table(rows: list[dict], batch: int, threads: dict[int, int], loop: dict[str, float]) -> str:
     base = {r["preset"]: r["median_s"] for r in rows if r["workers"] == 1 and r["zero"] == 0
             and r["kind"] == "cached"}
     lines = ["| preset | workers | threads/worker | zero | step | micro-batches/rank | step s | samples/s "
-             "| vs 1w ZeRO-0 cached | fastest step s | round spread |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| vs 1w ZeRO-0 cached | fastest step s | round spread | loop wall / in-step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = base[r["preset"]] / r["median_s"] if r["preset"] in base else float("nan")
+        in_loop = loop.get(r["preset"]) if (r["workers"], r["zero"], r["kind"]) == LOOP_ROW else None
         lines.append(
             f"| {r['preset']} | {r['workers']} | {threads[r['workers']]} | {r['zero']} | "
             f"{r['kind']} | {r['micro_batches']} x {r['micro']} | {r['median_s']:.3f} | "
             f"{batch / r['median_s']:,.0f} | {ratio:.2f}x | {min(min(t) for t in r['times']):.3f} | "
-            f"{r['spread']:.2f} |"
+            f"{r['spread']:.2f} | {'' if in_loop is None else f'{in_loop:.2f}'} |"
         )
     return "\n".join(lines)
+
+
+def _loop_ratios(presets: list[str], batch: int) -> dict[str, float]:
+    """Per preset: wall time per step of a real `scalelab train` run (the training loop, logging every
+    10 steps, MLflow, the progress queue) over the time inside the step, as benchmarks/loop.py measures
+    it (1 trial, scalelab's worker poll, `LOOP_STEPS` steps, batch `batch`, the demo's micro-batch)."""
+    import loop as loop_bench  # benchmarks/loop.py: this script's folder is on sys.path
+
+    args = argparse.Namespace(steps=LOOP_STEPS, log_every=10)
+    ratios = {}
+    with tempfile.TemporaryDirectory(prefix="bench-loop-") as tmp:
+        root = Path(tmp)
+        world = loop_bench._world(root)
+        os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+        for preset in presets:
+            with loop_bench._ray(None):
+                row = loop_bench._row(world, root, preset, batch, 1, "scalelab", loop_bench.POLLS["scalelab"],
+                                      args)
+            ratios[preset] = row["ratio"]
+            print(f"[bench] loop {preset} b{batch}: {row['wall']:.4f} s/step at the wall, "
+                  f"{row['inside']:.4f} inside: {row['ratio']:.2f}", flush=True)
+    return ratios
 
 
 def main() -> None:
@@ -192,6 +222,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="passes over all rows (median of all timed steps)")
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="cores shared by all workers")
     p.add_argument("--quick", action="store_true", help="tiny only, 1 round of 1 warm-up + 3 timed steps")
+    p.add_argument("--no-loop", dest="loop", action="store_false",
+                   help="skip the real-run loop ratio column (one `scalelab train` per preset)")
     args = p.parse_args()
     presets = ["tiny"] if args.quick else args.presets.split(",")
     warmup, steps, rounds = (1, 3, 1) if args.quick else (args.warmup, args.steps, args.rounds)
@@ -219,8 +251,9 @@ def main() -> None:
         shutil.rmtree(temp, ignore_errors=True)
         shutil.rmtree(storage, ignore_errors=True)
     rows.sort(key=lambda r: (presets.index(r["preset"]), r["workers"], r["zero"], KINDS.index(r["kind"])))
+    loop = _loop_ratios(presets, args.batch) if args.loop and 1 in worker_counts else {}
     print(f"\n## train_step throughput (global batch {args.batch}; total {time.perf_counter() - t0:.0f} s)")
-    print(_table(rows, args.batch, threads))
+    print(_table(rows, args.batch, threads, loop))
 
 
 if __name__ == "__main__":
