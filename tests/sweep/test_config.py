@@ -129,3 +129,35 @@ def test_relative_storage_inside_a_ray_job_needs_a_root(tmp_path, monkeypatch):
         resolve_root(sweep)
     monkeypatch.setenv("SCALELAB_ROOT", str(tmp_path))
     assert resolve_root(sweep).storage == str(tmp_path / "runs")
+
+
+def test_recipes_are_a_grid_key_of_named_changes(tmp_path):
+    """BASIC's two-stage recipes (or any bundle of settings) as one more grid key: each trial gets its
+    recipe's changes, its name ends in the recipe's, results carry it as `extra:recipe`."""
+    recipes = {"adamw": {}, "lion": {"optim": {"name": "lion", "lr": 3e-4, "weight_decay": 1.0}}}
+    sweep, base = _sweep(tmp_path, recipes=recipes, grid={"optim.warmup_steps": [0, 5]})
+    trials = expand(sweep, base)
+    assert len(trials) == 2 * 2 * 2 * 2 * 2
+    t = next(t for t in trials if t.name == "d256-micro-b32-warmup_steps5-lion")
+    assert t.extra == {"recipe": "lion", "optim.warmup_steps": 5}
+    optim = t.experiment.optim
+    assert (optim.name, optim.lr, optim.weight_decay) == ("lion", 3e-4, 1.0)
+    assert t.experiment.optim.warmup_steps == 5
+    plain = next(t for t in trials if t.name == "d256-micro-b32-warmup_steps5-adamw")
+    assert (plain.experiment.optim.name, plain.experiment.optim.lr) == (base["optim"]["name"],
+                                                                         base["optim"]["lr"])
+
+
+@pytest.mark.parametrize(
+    ("recipes", "grid", "message"),
+    [
+        ({"big": {"model": {"preset": "tiny"}}}, {}, r"recipe 'big' sets \['model.preset'\]"),
+        ({"LiT": {}}, {}, "lower-case"),
+        ({"a": {}}, {"recipe": ["a"]}, "recipes'"),
+        ({"a": {"optim": {"nme": "lion"}}}, {}, "trial d256-micro-b32-a: optim.nme"),
+    ],
+)
+def test_bad_recipes_are_refused(tmp_path, recipes, grid, message):
+    with pytest.raises(ConfigError, match=message):
+        sweep, base = _sweep(tmp_path, recipes=recipes, grid=grid)
+        expand(sweep, base)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -23,14 +24,18 @@ from scalelab.config import (
     Frozen,
     apply_overrides,
     deep_merge,
+    flatten,
     load_yaml_mapping,
     validate,
 )
 from scalelab.train.compute import executed_macs
 
-__all__ = ["AxesConfig", "BudgetConfig", "MicroBatchConfig", "SweepConfig", "Trial", "expand", "load_sweep"]
+__all__ = ["RECIPE_KEY", "AxesConfig", "BudgetConfig", "MicroBatchConfig", "SweepConfig", "Trial", "expand",
+           "load_sweep"]
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+_RECIPE_NAME = r"^[a-z0-9_]+$"
+RECIPE_KEY = "recipe"  # the grid key of `recipes` (results.csv column `extra:recipe`)
 
 
 class AxesConfig(Frozen):
@@ -100,6 +105,11 @@ class SweepConfig(Frozen):
     grid: dict[str, list[Any]] = Field(
         default_factory=dict, description="Extra grid keys: dotted experiment field -> values (optim.lr)."
     )
+    recipes: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Named training recipes, a grid key of their own (`recipe`): "
+        "each is a nested change of the base (BASIC's stages: {scratch: {}, lit: {model: {image: {init: "
+        "<stage-1 run>, lock: true}}}}); trial names end in the recipe's name."
+    )
     budget: BudgetConfig
     micro_batch: MicroBatchConfig
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
@@ -130,7 +140,21 @@ class SweepConfig(Frozen):
         bad = sorted(k for k in self.grid if k in reserved or not self.grid[k])
         if bad:
             raise ValueError(f"grid keys {bad}: empty, or set by the axes/budget (use axes.* instead)")
+        for name, change in self.recipes.items():
+            clash = sorted(k for k in flatten(change) if k in reserved)
+            if clash:
+                raise ValueError(f"recipe {name!r} sets {clash}: set by the axes/budget, not by a recipe")
+        if RECIPE_KEY in self.grid:
+            raise ValueError(f"grid key {RECIPE_KEY!r} is the recipes' (define them under recipes:)")
+        bad = sorted(name for name in self.recipes if not re.match(_RECIPE_NAME, name))
+        if bad:
+            raise ValueError(f"recipes {bad}: a recipe name is lower-case letters, digits and '_' "
+                             "(it ends the trial names)")
         return self
+
+    def grid_points(self) -> dict[str, list[Any]]:
+        """The extra grid keys (beyond the three axes) and their values, the recipes' names included."""
+        return {**self.grid, **({RECIPE_KEY: list(self.recipes)} if self.recipes else {})}
 
 
 @dataclass(frozen=True)
@@ -162,10 +186,11 @@ def expand(sweep: SweepConfig, base: dict[str, Any], *, bytes_per_sample: dict[s
     """
     from scalelab.models import get_spec, preset_stats
 
-    extra_keys = sorted(sweep.grid)
+    points = sweep.grid_points()
+    extra_keys = sorted(points, key=lambda k: (k == RECIPE_KEY, k))  # the recipe's name ends a trial's name
     trials = []
     for d, m, b, *extra in itertools.product(sweep.axes.data, sweep.axes.model, sweep.axes.batch,
-                                             *(sweep.grid[k] for k in extra_keys)):
+                                             *(points[k] for k in extra_keys)):
         spec = get_spec(m, **(base.get("model", {}).get("overrides") or {}))
         per_worker = b // sweep.resources.workers_per_trial
         if b % sweep.resources.workers_per_trial:
@@ -174,7 +199,8 @@ def expand(sweep: SweepConfig, base: dict[str, Any], *, bytes_per_sample: dict[s
         macs = preset_stats(spec).macs_per_sample
         steps = _steps(sweep.budget, d, b, macs)
         extras = dict(zip(extra_keys, extra))
-        name = "-".join([f"d{d}", m, f"b{b}"] + [f"{k.split('.')[-1]}{v}" for k, v in extras.items()])
+        name = "-".join([f"d{d}", m, f"b{b}"] + [str(v) if k == RECIPE_KEY else f"{k.split('.')[-1]}{v}"
+                                                  for k, v in extras.items()])
         cfg = _trial_experiment(sweep, base, name, d, m, b, steps, extras, spec,
                                 _micro(sweep.micro_batch, per_worker, (bytes_per_sample or {}).get(m)))
         trials.append(Trial(name, d, m, b, extras, cfg, macs))
@@ -218,7 +244,7 @@ def _trial_experiment(sweep: SweepConfig, base: dict[str, Any], name: str, d: in
     }
     merged = deep_merge(base, point)
     for key, value in extras.items():
-        merged = deep_merge(merged, _nested(key, value))
+        merged = deep_merge(merged, sweep.recipes[value] if key == RECIPE_KEY else _nested(key, value))
     return validate(ExperimentConfig, merged, prefix=f"trial {name}: ")
 
 
