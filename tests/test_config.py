@@ -39,7 +39,7 @@ def test_to_dict_round_trips_and_flattens():
     assert flat["train.global_batch"] == cfg.train.global_batch
     assert flat["model.overrides.text.dropout"] == 0.2
     assert flat["optim.betas"] == "[0.9, 0.98]"
-    assert all("." in k or k == "name" for k in flat)
+    assert all("." in k or k in ("name", "task") for k in flat)
 
 
 def test_unknown_field_names_the_field_and_allowed_ones(tmp_path):

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
+    "ClassifyConfig",
     "ConfigError",
     "DataConfig",
     "DataSourceConfig",
@@ -23,6 +24,7 @@ __all__ = [
     "ExperimentConfig",
     "Frozen",
     "ImageTowerConfig",
+    "LabelsConfig",
     "LossConfig",
     "ModelConfig",
     "ModelSpec",
@@ -142,6 +144,25 @@ class DataSourceConfig(Frozen):
     weight: float = Field(1.0, gt=0, description="Relative share of this source in every batch.")
 
 
+class LabelsConfig(Frozen):
+    """How class labels are read from each sample's json (`task: classify`; shard datasets only)."""
+
+    field: str = Field(
+        "label", min_length=1, description="Key of the label in each sample's json: one int (a class "
+        "index in [0, num_classes)) or a list of them (multi-label, as JFT). `scalelab data from-labels` "
+        "writes 'label'; the synthetic labelled set writes 'label' (object class) and 'labels' (class and "
+        "colour)."
+    )
+    num_classes: int | None = Field(
+        None, gt=1, description="Size of the label space; None = read from the first source's manifest "
+        "(extra.label_names[field], or extra.classnames for field 'label')."
+    )
+    max_labels: int = Field(
+        1, gt=0, description="Most labels one sample may carry (a sample with more is skipped and counted "
+        "as too_many_labels). 1 for classify.head softmax; raise it for multi-label data (head sigmoid)."
+    )
+
+
 class DataConfig(Frozen):
     """Where training pairs come from and how they are decoded, augmented and tokenized."""
 
@@ -172,6 +193,10 @@ class DataConfig(Frozen):
         1.0, gt=0, description="CPUs each decode task reserves (fractions share a core with training)."
     )
 
+    labels: LabelsConfig | None = Field(
+        None, description="Read class labels from the samples' json (required by task: classify, where "
+        "captions and the tokenizer are not used); None = image-text pairs."
+    )
     cache: bool = Field(
         False, description="Decode the training subset once per worker and keep it in memory (small "
         "datasets: the synthetic world, laptop sweeps); epochs then skip Ray Data entirely. Same rows, "
@@ -285,6 +310,28 @@ class EvalConfig(Frozen):
         return self
 
 
+class ClassifyConfig(Frozen):
+    """The supervised image-tower stage (`task: classify`; BASIC's pre-training on JFT labels)."""
+
+    head: Literal["softmax", "sigmoid"] = Field(
+        "softmax", description="'softmax': cross-entropy over the classes, one label per image. 'sigmoid': "
+        "one binary cross-entropy per class, summed over classes and averaged over images (big_vision's "
+        "JFT recipe), for multi-label data."
+    )
+    eval_sets: dict[str, str] = Field(
+        default_factory=dict, description="Held-out labelled splits: name -> ImageFolder dir "
+        "(<class>/<image>, class folders in sorted order = label indices 0..num_classes-1). Metrics "
+        "eval/classify/<name>/top1 and /top5, every eval.every_steps and at the end."
+    )
+
+    @model_validator(mode="after")
+    def _names(self) -> ClassifyConfig:
+        bad = [s for s in self.eval_sets if not s or "/" in s]
+        if bad:
+            raise ValueError(f"classify.eval_sets names become metric keys: no '/'; got {bad}")
+        return self
+
+
 class RunSettings(Frozen):
     """Where a run keeps its state and how often it reports; none of this changes the trained model."""
 
@@ -312,12 +359,17 @@ class ExperimentConfig(Frozen):
         "experiment", pattern=r"^[A-Za-z0-9][A-Za-z0-9._=-]*$", max_length=200,
         description="Run name: its checkpoint folder under run.storage and its MLflow run are found by it.",
     )
+    task: Literal["contrastive", "classify"] = Field(
+        "contrastive", description="'contrastive': the dual encoder on image-text pairs (gradient cache). "
+        "'classify': the image tower plus a linear head on labelled images (data.labels, classify)."
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
     run: RunSettings = Field(default_factory=RunSettings)
 
     @model_validator(mode="after")
@@ -327,6 +379,25 @@ class ExperimentConfig(Frozen):
             raise ValueError(
                 f"train.global_batch={t.global_batch} must be divisible by train.num_workers={t.num_workers}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _task_sections(self) -> ExperimentConfig:
+        labels = self.data.labels
+        if self.task == "contrastive":
+            if labels is not None or self.classify.eval_sets:
+                raise ValueError("data.labels and classify.eval_sets belong to task: classify "
+                                 "(task is contrastive)")
+            return self
+        if labels is None:
+            raise ValueError("task: classify needs data.labels (at least `data: {labels: {field: label}}`): "
+                             "which json key of each sample holds its class index")
+        if self.eval.sets or self.eval.retrieval:
+            raise ValueError("eval.sets / eval.retrieval are zero-shot evaluations of a dual encoder; task "
+                             "classify evaluates top-1 on classify.eval_sets")
+        if self.classify.head == "softmax" and labels.max_labels > 1:
+            raise ValueError(f"classify.head=softmax takes one label per image but data.labels.max_labels="
+                             f"{labels.max_labels}: use classify.head: sigmoid for multi-label data")
         return self
 
 
@@ -466,8 +537,11 @@ def resolve_paths(cfg: ExperimentConfig, base: str | Path | None = None) -> Expe
         "retrieval": absolute(cfg.eval.retrieval),
         "templates": absolute(cfg.eval.templates),
     })
+    classify = cfg.classify.model_copy(update={
+        "eval_sets": {name: absolute(d) for name, d in cfg.classify.eval_sets.items()},
+    })
     run = cfg.run.model_copy(update={"storage": absolute(cfg.run.storage)})
-    return cfg.model_copy(update={"data": data, "eval": evaluation, "run": run})
+    return cfg.model_copy(update={"data": data, "eval": evaluation, "classify": classify, "run": run})
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

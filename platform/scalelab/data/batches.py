@@ -23,8 +23,9 @@ class Batch:
     """A training batch of exactly `batch_size` valid samples."""
 
     images: torch.Tensor  # float32 [B, 3, S, S], CLIP-normalised
-    tokens: torch.Tensor  # int64 [B, L], 0 = padding
+    tokens: torch.Tensor  # int64 [B, L], 0 = padding ([B, 0] for labelled data)
     keys: list[str] = field(default_factory=list)
+    labels: torch.Tensor | None = None  # int64 [B, max_labels]: class indices, -1 padding (labelled data)
 
 
 def _column_batches(source: Any, chunk: int) -> Iterator[dict[str, np.ndarray]]:
@@ -79,7 +80,7 @@ class TrainBatchIterator(Iterator[Batch]):
             keep = self._keep(cols)
             if not keep.any():
                 continue
-            parts.append({k: cols[k][keep] for k in ("image", "tokens", "key")})
+            parts.append({k: cols[k][keep] for k in ("image", "tokens", "key", "labels") if k in cols})
             held += int(keep.sum())
             while held >= self.batch_size:
                 merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -87,9 +88,11 @@ class TrainBatchIterator(Iterator[Batch]):
                 rest = {k: v[b:] for k, v in merged.items()}
                 parts, held = ([rest] if len(rest["key"]) else []), held - b
                 self.samples_seen += b
+                labels = merged.get("labels")
                 yield Batch(torch.from_numpy(np.ascontiguousarray(merged["image"][:b], dtype=np.float32)),
                             torch.from_numpy(np.ascontiguousarray(merged["tokens"][:b], dtype=np.int64)),
-                            [str(k) for k in merged["key"][:b]])
+                            [str(k) for k in merged["key"][:b]],
+                            None if labels is None else torch.from_numpy(np.ascontiguousarray(labels[:b])))
         if self._valid == 0:
             raise RuntimeError(
                 f"no usable samples: {self._rows} rows read, all bad or unreadable (skipped: {self.skipped})"

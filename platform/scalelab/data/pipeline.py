@@ -15,7 +15,10 @@ set on the dataset's context so the order survives parallel execution.
 
 Rows: `image` float32 [3, S, S] (RGB normalised with CLIP's mean/std), `tokens` int64 [L] (padding 0),
 `valid` bool, `reason` str ("" when valid), `key` str, `source` int64, `index` int64 (epoch-order
-position). Bad rows keep zero image/tokens and are dropped and counted by `iter_train_batches`.
+position). With `data.labels` (task classify) rows carry `labels` int64 [max_labels] (class indices,
+-1 padding: `scalelab.data.labelled`) and `tokens` is empty ([0]: no tokenizer is needed or loaded).
+Bad rows (labels that cannot be used among them) keep zero image/tokens and are dropped and counted by
+`iter_train_batches`.
 Augmentation randomness is seeded by (seed, epoch, index), so a resumed epoch decodes identical crops.
 A row is thus a function of (cfg, epoch, index) and the files, the tokenizer included: a Unigram
 tokenizer trained again on the same captions is another file (other ids), hence another run.
@@ -39,6 +42,7 @@ from PIL import Image
 
 from scalelab.config import DataConfig
 from scalelab.data.batches import Batch, TrainBatchIterator, iter_train_batches
+from scalelab.data.labelled import parse_labels
 from scalelab.data.plan import EpochPlan, RowAugment, ShardSlice, plan_epoch, select_subset, source_counts
 from scalelab.data.tokenizer import load_tokenizer, tokenizer_path
 from scalelab.data.transforms import CLIP_MEAN, CLIP_STD, preprocess_eval, preprocess_train
@@ -56,6 +60,7 @@ __all__ = [
     "decode_subset",
     "iter_cached_epoch",
     "iter_train_batches",
+    "label_settings",
     "plan_epoch",
     "select_subset",
     "source_counts",
@@ -92,6 +97,7 @@ def _read_block(spec: dict[str, Any], *, slices: tuple[dict[str, Any], ...]) -> 
                         "key": sample.key,
                         "image_bytes": b"" if bad else sample.image,
                         "caption": "" if bad else sample.caption,
+                        "meta": None if bad else sample.meta,
                         "valid": not bad,
                         "reason": sample.reason if bad else "",
                     }
@@ -99,7 +105,8 @@ def _read_block(spec: dict[str, Any], *, slices: tuple[dict[str, Any], ...]) -> 
                     break
         except Exception as err:  # a broken shard must not stop the epoch: log it, count its rows
             log.warning("skipping unreadable shard %s: %s", sl["path"], err)
-    missing = {"key": "", "image_bytes": b"", "caption": "", "valid": False, "reason": UNREADABLE}
+    missing = {"key": "", "image_bytes": b"", "caption": "", "meta": None, "valid": False,
+               "reason": UNREADABLE}
     rows = []
     for s, k, p in zip(sid.tolist(), ordinal.tolist(), spec["index"]):
         row = dict(found.get((s, k)) or {**missing, "reason": TRUNCATED if s in cut else UNREADABLE})
@@ -112,10 +119,12 @@ class _Decode:
     """Decode + crop/resize + normalise images, tokenize captions. Runs inside the Ray decode tasks;
     `_decoder` keeps one per process, so the tokenizer loads once per process, not once per block."""
 
-    def __init__(self, tokenizer: str, image_size: int, context_length: int, train: bool, augment: bool,
-                 crop_scale: tuple[float, float], hflip: bool, seed: int, epoch: int) -> None:
-        self.tok = load_tokenizer(tokenizer)
-        self.size, self.ctx = image_size, context_length
+    def __init__(self, tokenizer: str | None, image_size: int, context_length: int, train: bool,
+                 augment: bool, crop_scale: tuple[float, float], hflip: bool, seed: int, epoch: int,
+                 labels: tuple[str, int, int] | None = None) -> None:
+        self.tok = load_tokenizer(tokenizer) if labels is None else None  # classify reads no caption
+        self.size, self.ctx = image_size, context_length if labels is None else 0
+        self.labels = labels  # (json field, num_classes, max_labels)
         # Random crops only for training rows with data.augment on; hflip never applies without them.
         self.augment = RowAugment(seed, epoch, tuple(crop_scale), hflip) if train and augment else None
 
@@ -124,6 +133,13 @@ class _Decode:
         images = np.zeros((n, 3, self.size, self.size), dtype=np.float32)
         valid = np.asarray(batch["valid"], dtype=bool).copy()
         reason = np.asarray(batch["reason"], dtype=object).copy()
+        out: dict[str, np.ndarray] = {}
+        if self.labels is not None:  # before decoding: a row without usable labels is not worth its pixels
+            out["labels"] = np.full((n, self.labels[2]), -1, dtype=np.int64)
+            for r in np.flatnonzero(valid):
+                out["labels"][r], why = parse_labels(batch["meta"][r], *self.labels)
+                if why:
+                    valid[r], reason[r] = False, why
         for r in np.flatnonzero(valid):
             try:
                 images[r] = self._image(batch["image_bytes"][r], int(batch["index"][r]))
@@ -131,11 +147,11 @@ class _Decode:
                 valid[r], reason[r] = False, "undecodable_image"
         tokens = np.zeros((n, self.ctx), dtype=np.int64)
         ok = np.flatnonzero(valid)
-        if len(ok):
+        if len(ok) and self.tok is not None:
             tokens[ok] = self.tok.encode_batch([str(batch["caption"][r]) for r in ok], self.ctx)
         return {"image": images, "tokens": tokens, "valid": valid, "reason": reason.astype(str),
                 "key": np.asarray(batch["key"]).astype(str), "source": np.asarray(batch["source"], np.int64),
-                "index": np.asarray(batch["index"], np.int64)}
+                "index": np.asarray(batch["index"], np.int64), **out}
 
     def _image(self, data: bytes, index: int) -> np.ndarray:
         img = Image.open(io.BytesIO(data))
@@ -173,7 +189,7 @@ def _read_decode(specs: dict[str, np.ndarray], *, plan: Any, slices: tuple[dict[
 
 def _columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     cols: dict[str, np.ndarray] = {}
-    for k in ("image_bytes", "caption", "reason", "key"):
+    for k in ("image_bytes", "caption", "meta", "reason", "key"):
         col = np.empty(len(rows), dtype=object)
         col[:] = [r[k] for r in rows]  # element-wise: keeps bytes objects intact
         cols[k] = col
@@ -181,6 +197,16 @@ def _columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     cols["source"] = np.array([r["source"] for r in rows], dtype=np.int64)
     cols["index"] = np.array([r["index"] for r in rows], dtype=np.int64)
     return cols
+
+
+def label_settings(cfg: DataConfig) -> tuple[str, int, int] | None:
+    """(json field, num_classes, max_labels) the decoder checks labels with; None for image-text pairs.
+    `num_classes` must be resolved by then (`launch.preflight` reads it from the manifest when null)."""
+    if cfg.labels is None:
+        return None
+    if cfg.labels.num_classes is None:
+        raise ValueError("data.labels.num_classes is unresolved (resolve_num_classes runs in preflight)")
+    return cfg.labels.field, cfg.labels.num_classes, cfg.labels.max_labels
 
 
 def build_dataset(
@@ -192,7 +218,7 @@ def build_dataset(
     `epoch`. Build one dataset per epoch and per worker; its decode tasks run in Ray's pooled
     worker processes, so a new epoch starts in well under a second once they are warm.
     """
-    tok = tokenizer_path(cfg)
+    tok = tokenizer_path(cfg) if cfg.labels is None else None
     plan = plan_epoch(cfg, epoch, rank=rank, world_size=world_size)
     if len(plan) == 0:
         raise RuntimeError(f"epoch {epoch}, rank {rank}/{world_size}: no rows selected from {cfg.sources}")
@@ -208,9 +234,10 @@ def build_dataset(
         batch_format="numpy",
         fn_kwargs={
             "plan": plan_ref, "slices": tuple(asdict(s) for s in plan.slices),
-            "tokenizer": str(tok), "image_size": cfg.image_size, "context_length": cfg.context_length,
-            "train": train, "augment": cfg.augment, "crop_scale": tuple(cfg.crop_scale), "hflip": cfg.hflip,
-            "seed": cfg.seed, "epoch": epoch,
+            "tokenizer": None if tok is None else str(tok), "image_size": cfg.image_size,
+            "context_length": cfg.context_length, "train": train, "augment": cfg.augment,
+            "crop_scale": tuple(cfg.crop_scale), "hflip": cfg.hflip, "seed": cfg.seed, "epoch": epoch,
+            "labels": label_settings(cfg),
         },
     )
     ds.context.execution_options.preserve_order = True  # this dataset's own context copy
@@ -240,10 +267,11 @@ def decode_subset(cfg: DataConfig) -> DecodedSubset:
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
     rows = offsets[plan.slice_id] + plan.ordinal  # subset row of each epoch-0 position
     columns: dict[str, np.ndarray] = {}
+    names = ("image", "tokens", "valid", "reason", "key", "source", *(("labels",) if cfg.labels else ()))
     for batch in build_dataset(cfg, epoch=0).iter_batches(batch_size=cfg.decode_batch_size,
                                                           batch_format="numpy"):
         where = rows[np.asarray(batch["index"], dtype=np.int64)]
-        for k in ("image", "tokens", "valid", "reason", "key", "source"):
+        for k in names:
             col = np.asarray(batch[k])
             if k not in columns:
                 columns[k] = np.empty((int(sizes.sum()), *col.shape[1:]), dtype=col.dtype

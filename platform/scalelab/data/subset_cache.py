@@ -8,7 +8,8 @@ run, the same command again — load it in a fraction of a second.
 The key is a hash of everything a decoded row depends on: the data config (sources, subset size and
 seed, image size, context length, ...; not the decode parallelism, which changes speed, not rows), the
 bytes of every source's manifest and of the tokenizer, each shard file's size and modification time
-(a shard rewritten in place gets a new key), and `FORMAT` (bumped when decoding changes). A file that
+(a shard rewritten in place gets a new key; labelled data, `data.labels`, has no tokenizer), and
+`FORMAT` (bumped when decoding changes). A file that
 cannot be read is decoded again and rewritten; writes are atomic (temp file + rename), so trials
 decoding the same subset at once both succeed and leave one whole file.
 """
@@ -44,7 +45,8 @@ def subset_key(cfg: DataConfig) -> str:
         for shard in json.loads(manifest.read_text()).get("shards", []):
             stat = (Path(source.path) / shard["path"]).stat()
             h.update(f"{shard['path']}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    h.update(tokenizer_path(cfg).read_bytes())
+    if cfg.labels is None:  # labelled rows hold no tokens: no tokenizer is read
+        h.update(tokenizer_path(cfg).read_bytes())
     return h.hexdigest()[:32]
 
 

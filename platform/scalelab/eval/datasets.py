@@ -92,7 +92,7 @@ def load_image_folder(directory: str | Path, image_size: int,
     if not folders:
         raise ValueError(f"{root} has no class sub-folders (an eval set is <dir>/<class>/<image>)")
     classnames = resolve_classnames(root, folders)
-    prompt_list = read_templates(root, templates)
+    prompt_list = read_templates(root, templates) if templates is not False else []
     arrays: list[np.ndarray] = []
     labels: list[int] = []
     for label, folder in enumerate(folders):

@@ -26,10 +26,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from scalelab.config import ConfigError, ImageTowerConfig, ModelSpec, TextTowerConfig, deep_merge, validate
+from torch import nn
+
+from scalelab.config import (
+    ConfigError,
+    ExperimentConfig,
+    ImageTowerConfig,
+    ModelSpec,
+    TextTowerConfig,
+    deep_merge,
+    validate,
+)
+from scalelab.models.classifier import ImageClassifier
 from scalelab.models.dual import DualEncoder
 
-__all__ = ["build_model", "create_model", "get_spec", "list_presets", "register_preset"]
+__all__ = ["build_model", "create_classifier", "create_model", "get_spec", "list_presets", "model_for",
+           "register_preset"]
 
 PresetFn = Callable[[], ModelSpec]
 
@@ -82,6 +94,25 @@ def build_model(spec: ModelSpec) -> DualEncoder:
 def create_model(preset: str, **overrides: Any) -> DualEncoder:
     """`build_model(get_spec(preset, **overrides))`, e.g. create_model('tiny', text={'dropout': 0.1})."""
     return build_model(get_spec(preset, **overrides))
+
+
+def create_classifier(preset: str, num_classes: int, *, head: str = "softmax",
+                      **overrides: Any) -> ImageClassifier:
+    """The preset's image tower (same spec, same module names as in its DualEncoder) + a linear head."""
+    return ImageClassifier(get_spec(preset, **overrides), num_classes, head=head)
+
+
+def model_for(cfg: ExperimentConfig) -> nn.Module:
+    """The model an experiment trains: its preset's DualEncoder, or for `task: classify` the preset's
+    ImageClassifier over `data.labels.num_classes` (which must be resolved: launch.preflight does it)."""
+    if cfg.task != "classify":
+        return create_model(cfg.model.preset, **cfg.model.overrides)
+    labels = cfg.data.labels
+    if labels is None or labels.num_classes is None:
+        raise ConfigError("task classify needs data.labels.num_classes (set it, or let preflight read it "
+                          "from the data's manifest)")
+    return create_classifier(cfg.model.preset, labels.num_classes, head=cfg.classify.head,
+                             **cfg.model.overrides)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -6,6 +6,9 @@ Two different numbers, on purpose:
   step is a gradient-cache step, and a cached step encodes every sample twice — phase 1 without
   autograd (1 forward), phase 3 again with autograd and its backward (1 forward + 1 backward ≈ 3
   forwards) — so 4 × forward MACs per sample, 4/3 of a plain step's work. Evaluation is not counted.
+- A supervised step (`task: classify`, train/classify.py) is a plain forward + backward: it executes
+  3 × forward MACs per sample, and its MACs per sample are the image tower's (+ head) alone
+  (`launch._macs_per_sample`); `executed_macs(..., task="classify")` counts it so.
 - `training_macs` is *model* compute, the quantity scaling-law papers (Kaplan et al., Chinchilla,
   BASIC's compute axis) put on the x-axis: forward + backward ≈ 3 × forward. It does not depend on how
   the step was executed; compare with published laws on it (metric `train/compute_macs`), and divide
@@ -46,8 +49,11 @@ def training_macs(macs_per_sample: int, samples: int) -> int:
     )
 
 
-def executed_macs(macs_per_sample: int, samples: int) -> int:
-    """MACs training executed on `samples` samples through the cached step: 4 × forward MACs × samples."""
+def executed_macs(macs_per_sample: int, samples: int, task: str = "contrastive") -> int:
+    """MACs training executed on `samples` samples: 4 × forward MACs × samples through the cached step
+    (task contrastive), 3 × through a plain step (task classify)."""
+    if task == "classify":
+        return training_macs(macs_per_sample, samples)
     return step_macs_with_cache(macs_per_sample, samples)
 
 

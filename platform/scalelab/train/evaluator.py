@@ -1,4 +1,5 @@
-"""Zero-shot and retrieval evaluation inside training: when, on which weights, and what a failure does.
+"""Evaluation inside training: when, on which weights, and what a failure does. Zero-shot and retrieval
+for the contrastive task; top-1 on held-out labelled splits (`classify.eval_sets`) for task classify.
 
 Rank 0 holds an fp32 copy of the model and the tokenizer and evaluates the weights `scalelab export`
 would write (the task gathers them: `ContrastiveTask.full_weights`). An evaluation that raises — an
@@ -25,9 +26,16 @@ class Evaluator:
 
     def __init__(self, cfg: ExperimentConfig, rank: int) -> None:
         self.cfg = cfg
-        self.enabled = bool(cfg.eval.sets or cfg.eval.retrieval)
+        self.classify = cfg.task == "classify"
+        wanted = cfg.classify.eval_sets if self.classify else (cfg.eval.sets or cfg.eval.retrieval)
+        self.enabled = bool(wanted)
         self.model: Any = None
-        if self.enabled and rank == 0:
+        if self.enabled and rank == 0 and self.classify:
+            from scalelab.models import model_for
+
+            with torch.random.fork_rng(devices=[]):  # as below: the training RNG must not move
+                self.model = model_for(cfg).float().eval()
+        elif self.enabled and rank == 0:
             from scalelab.data.tokenizer import load_tokenizer, tokenizer_path
             from scalelab.models import create_model
 
@@ -54,12 +62,15 @@ class Evaluator:
         raise RunStopped(reason.splitlines()[0], kind="eval")
 
     def _run(self, weights: dict[str, torch.Tensor]) -> dict[str, float] | Exception:
-        from scalelab.eval import evaluate_retrieval, evaluate_sets
+        from scalelab.eval import evaluate_classifier, evaluate_retrieval, evaluate_sets
 
         try:  # local to rank 0 (no collectives inside): returned, so every rank leaves the gather alike
             shapes = self.model.state_dict()
             self.model.load_state_dict({k: v.float().reshape(shapes[k].shape) for k, v in weights.items()})
             e = self.cfg.eval
+            if self.classify:
+                return evaluate_classifier(self.model, self.cfg.classify.eval_sets, self.cfg.data.image_size,
+                                           batch_size=e.batch_size)
             out = evaluate_sets(self.model, self.tokenizer, e.sets, shifted=e.shifted,
                                 batch_size=e.batch_size, templates=e.templates)
             if e.retrieval:

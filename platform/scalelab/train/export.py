@@ -8,6 +8,10 @@ An exported model is a directory of three files (no DeepSpeed, Ray or MLflow nee
                       "step", "samples_seen", "source": the checkpoint folder, "weights": how they were read}
     tokenizer.json   the run's tokenizer (copied from `tokenizer_path(cfg.data)`)
 
+A `task: classify` run exports its `ImageClassifier` the same way (model.pt holds `image_tower.*`, the
+keys a DualEncoder of the same preset loads, and `head.*`; config.json adds "task", "num_classes" and
+"head"), without tokenizer.json: it read no captions. `load_exported` reads dual encoders only.
+
 Where the fp32 weights come from depends on what DeepSpeed 0.19.8 wrote under `deepspeed/state/`:
 - ZeRO-1/2/3 (fp32 or bf16): `*_optim_states.pt` per rank hold the fp32 master partitions; DeepSpeed's
   own `zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint` stitches them back (ZeRO-3's
@@ -65,7 +69,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     scalelab.json, or no DeepSpeed state) or the run's tokenizer file is gone.
     """
     from scalelab.data.tokenizer import tokenizer_path
-    from scalelab.models import create_model, get_spec
+    from scalelab.models import get_spec, model_for
 
     checkpoint, out = Path(checkpoint), Path(out)
     run = read_run_state(checkpoint)
@@ -73,8 +77,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     if not (ds_dir / DS_TAG).is_dir():
         raise FileNotFoundError(f"{checkpoint} is not a complete scalelab checkpoint (no {ds_dir / DS_TAG})")
     cfg = validate(ExperimentConfig, run.config)
-    tokenizer = tokenizer_path(cfg.data)
-    model = create_model(cfg.model.preset, **cfg.model.overrides)
+    classify = cfg.task == "classify"
+    tokenizer = None if classify else tokenizer_path(cfg.data)
+    model = model_for(cfg)
     raw, source = _fp32_weights(ds_dir / DS_TAG, model, cfg)
     state = _in_model_shapes(raw, model)
     model.load_state_dict(state, strict=True)  # refuse to write anything a DualEncoder cannot load
@@ -83,7 +88,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     partial = out / (MODEL_NAME + ".partial")
     torch.save(state, partial)
     os.replace(partial, out / MODEL_NAME)  # a crash never leaves a truncated model.pt behind
-    shutil.copyfile(tokenizer, out / TOKENIZER_NAME)
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, out / TOKENIZER_NAME)
     meta: dict[str, Any] = {
         "format": EXPORT_FORMAT,
         "experiment": cfg.to_dict(),
@@ -93,6 +99,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
         "source": str(checkpoint.resolve()),
         "weights": source,
     }
+    if classify:
+        meta.update(task="classify", num_classes=cfg.data.labels.num_classes, head=cfg.classify.head)
     (out / CONFIG_NAME).write_text(json.dumps(meta, indent=1, sort_keys=True))
     return out
 

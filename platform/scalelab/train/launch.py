@@ -125,7 +125,10 @@ def launch(cfg: ExperimentConfig, *, parent_run_id: str | None = None, tags: dic
 def preflight(cfg: ExperimentConfig, ray_address: str | None = None) -> ExperimentConfig:
     """`cfg` with its paths resolved, once it passed every check that needs no Ray (paths, model/data
     agreement, eval folders; this machine's CPUs when a local Ray would start): ConfigError otherwise."""
+    from scalelab.data.labelled import resolve_num_classes
+
     cfg = resolve_paths(cfg)
+    cfg = cfg.model_copy(update={"data": resolve_num_classes(cfg.data)})  # task classify: from the data
     check_experiment(cfg)
     if starts_local_ray(ray_address) and not _ray_initialized():
         refuse_short_resources(cfg, local_capacity(), "this machine")
@@ -204,12 +207,13 @@ def _mlflow_run(cfg: ExperimentConfig, parent_run_id: str | None, tags: dict[str
     handle = start_or_resume_run(uri, experiment, run_name=cfg.name, tags=all_tags, resume_tag=run_key,
                                  parent_run_id=parent_run_id)
     flat = {k: v for k, v in flatten(cfg.to_dict()).items() if k not in _UNLOGGED_PARAMS}
-    flat.update({"model.params": stats.params, "model.macs_per_sample": stats.macs_per_sample})
+    flat.update({"model.params": stats.params, "model.macs_per_sample": _macs_per_sample(cfg)})
     _log_params_allowing_changes(handle, flat)
     handle.log_dict({**cfg.to_dict(), "resolved_model": spec.to_dict()}, "config/experiment.json")
     from scalelab.data.tokenizer import tokenizer_path
 
-    handle.log_artifact(tokenizer_path(cfg.data), "tokenizer")
+    if cfg.task == "contrastive":  # a classify run reads no caption and needs no tokenizer
+        handle.log_artifact(tokenizer_path(cfg.data), "tokenizer")
     return handle, uri
 
 
@@ -233,9 +237,14 @@ def worker_env(cfg: ExperimentConfig) -> dict[str, str]:
 
 
 def _macs_per_sample(cfg: ExperimentConfig) -> int:
+    """Forward MACs of one sample: image + text tower (contrastive); image tower + head (classify)."""
     from scalelab.models import get_spec, preset_stats
 
-    return preset_stats(get_spec(cfg.model.preset, **cfg.model.overrides)).macs_per_sample
+    spec = get_spec(cfg.model.preset, **cfg.model.overrides)
+    stats = preset_stats(spec)
+    if cfg.task == "classify" and cfg.data.labels is not None and cfg.data.labels.num_classes:
+        return stats.image_macs + spec.embed_dim * cfg.data.labels.num_classes
+    return stats.macs_per_sample
 
 
 def _fit(plan: WorkerPlan, callbacks: list[Any], progress: Any = None) -> Any:

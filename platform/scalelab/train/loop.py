@@ -92,7 +92,8 @@ def _train(me: _Worker, task: Any, run: RunState, mine: RankState, reporter: Rep
         stop = _observe(guard, metrics, run.step)
         metrics.update({"train/samples_seen": run.samples_seen, "train/epoch": stream.epoch,
                         "train/compute_macs": training_macs(plan.macs_per_sample, run.samples_seen),
-                        "train/executed_macs": executed_macs(plan.macs_per_sample, run.samples_seen),
+                        "train/executed_macs": executed_macs(plan.macs_per_sample, run.samples_seen,
+                                                             cfg.task),
                         "train/peak_memory_mb": _peak_memory_mb(), **guard.metrics()})
         logged = run.step % cfg.run.log_every == 0 or last or stop is not None
         if logged:

@@ -37,8 +37,13 @@ def check_experiment(cfg: ExperimentConfig) -> None:
     _check_geometry(cfg)
     _check_schedule(cfg)
     _check_optimizer(cfg)
-    _check_data(cfg, spec)
-    _check_eval(cfg)
+    if cfg.task == "classify":
+        from scalelab.train.preflight_classify import check_classify
+
+        check_classify(cfg, spec)
+    else:
+        _check_data(cfg, spec)
+        _check_eval(cfg)
     _check_storage(cfg)
 
 
@@ -70,11 +75,11 @@ def _check_optimizer(cfg: ExperimentConfig) -> None:
     own argument checks (betas in [0, 1), eps, lr) run here instead of in every worker."""
     import torch
 
-    from scalelab.models import create_model
+    from scalelab.models import model_for
     from scalelab.train.optim import build_optimizer
 
     with torch.device("meta"):
-        model = create_model(cfg.model.preset, **cfg.model.overrides)
+        model = model_for(cfg)
     try:
         build_optimizer(model, cfg.optim)
     except ValueError as err:

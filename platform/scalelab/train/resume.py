@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from scalelab.config import ConfigError, ExperimentConfig, flatten
+from scalelab.config import ConfigError, ExperimentConfig, flatten, validate
 from scalelab.train.checkpoint import RunState, latest_checkpoint, read_run_state, world_size_error
 
 __all__ = ["RESUMABLE_CHANGES", "Resume", "decide_resume", "run_dir"]
@@ -23,8 +23,8 @@ __all__ = ["RESUMABLE_CHANGES", "Resume", "decide_resume", "run_dir"]
 # far. `train.steps` extends (or shortens) the run; the cosine schedule follows the new length. Not the
 # CPU / thread counts: the number of torch threads changes floating-point reduction order, and a
 # resumed run must continue bit for bit as the uninterrupted one would have.
-RESUMABLE_CHANGES = ("name", "run.", "eval.", "train.steps", "train.max_skipped_steps", "data.decode_tasks",
-                     "data.decode_cpus", "data.cache")
+RESUMABLE_CHANGES = ("name", "run.", "eval.", "classify.eval_sets", "train.steps", "train.max_skipped_steps",
+                     "data.decode_tasks", "data.decode_cpus", "data.cache")
 
 
 def run_dir(cfg: ExperimentConfig) -> Path:
@@ -59,7 +59,7 @@ def decide_resume(cfg: ExperimentConfig) -> Resume:
     state = read_run_state(latest)
     if state.world_size != cfg.train.num_workers:
         raise ConfigError(world_size_error(latest, state.world_size, cfg.train.num_workers))
-    old, new = flatten(state.config), flatten(cfg.to_dict())
+    old, new = flatten(_with_defaults(state.config)), flatten(cfg.to_dict())
     changed = sorted(k for k in old.keys() | new.keys()
                      if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES))
     if changed:
@@ -69,3 +69,12 @@ def decide_resume(cfg: ExperimentConfig) -> Resume:
             "mix two experiments: choose another name, or restore the old values."
         )
     return Resume("finished" if state.step >= cfg.train.steps else "resume", latest, state)
+
+
+def _with_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config with the fields added since it was written at their defaults (a new field
+    at its default changes nothing that was trained); as written when it no longer validates."""
+    try:
+        return validate(ExperimentConfig, config).to_dict()
+    except ConfigError:
+        return config

@@ -75,5 +75,9 @@ class ContrastiveTask:
 
 
 def make_task(cfg: ExperimentConfig, rank: int, world: int) -> ContrastiveTask:
-    """The task the experiment asks for (the contrastive one is the only kind so far)."""
+    """The task the experiment asks for (`cfg.task`): contrastive, or classify (train/classify.py)."""
+    if cfg.task == "classify":
+        from scalelab.train.classify import ClassifyTask  # it builds on this module's ContrastiveTask
+
+        return ClassifyTask(cfg, rank, world)
     return ContrastiveTask(cfg, rank, world)

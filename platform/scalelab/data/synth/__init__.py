@@ -8,6 +8,7 @@ from scalelab.data.synth.build import generate_world
 from scalelab.data.synth.captions import caption_for, caption_pair, class_synonyms
 from scalelab.data.synth.evalsets import EVAL_SETS, generate_eval_sets, render_eval_image
 from scalelab.data.synth.generate import generate_pairs, make_pair
+from scalelab.data.synth.labelled import LABELLED_STREAM, generate_labelled, label_spaces, make_labelled
 from scalelab.data.synth.render import HardVariant, render_scene
 from scalelab.data.synth.world import (
     LEVELS,
@@ -24,6 +25,7 @@ from scalelab.data.synth.world import (
 
 __all__ = [
     "EVAL_SETS",
+    "LABELLED_STREAM",
     "LEVELS",
     "WORLD_VERSION",
     "HardVariant",
@@ -36,8 +38,11 @@ __all__ = [
     "class_synonyms",
     "combination_count",
     "generate_eval_sets",
+    "generate_labelled",
     "generate_pairs",
     "generate_world",
+    "label_spaces",
+    "make_labelled",
     "make_pair",
     "render_eval_image",
     "render_scene",

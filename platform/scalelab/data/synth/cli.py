@@ -29,6 +29,9 @@ def add_synth_command(data_subparsers: argparse._SubParsersAction) -> argparse.A
     p.add_argument("--mismatch", type=float, default=0.1, help="fraction of captions of another scene")
     p.add_argument("--eval-per-class", type=int, default=20, help="images per class per eval set (0: none)")
     p.add_argument("--retrieval-pairs", type=int, default=1000, help="held-out retrieval pairs (0: none)")
+    p.add_argument("--labelled", type=int, default=0, metavar="N",
+                   help="also write N labelled images of the world's classes into OUT/labelled (shards whose "
+                   "json holds label / labels: the training data of task: classify); 0: none")
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--level", default="standard", help="world difficulty: standard (the full world) or "
                    "easy (one large centred object, terse captions: accuracy rises within minutes on a CPU)")
@@ -47,14 +50,15 @@ def run_synth(args: argparse.Namespace) -> int:
             args.out, n_pairs=args.n_pairs, seed=args.seed, image_size=args.image_size,
             mismatch=args.mismatch, samples_per_shard=args.samples_per_shard, workers=args.workers,
             progress=not args.no_progress, eval_per_class=args.eval_per_class,
-            retrieval_pairs=args.retrieval_pairs, level=args.level,
+            retrieval_pairs=args.retrieval_pairs, level=args.level, labelled=args.labelled,
         )
     except ValueError as err:
         print(f"scalelab data synth: {err}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - start
     print(f"wrote {manifest.num_samples} pairs in {len(manifest.shards)} shards to {args.out} "
-          f"({seconds:.1f} s, content {manifest.content_hash[:12]}); eval sets in {args.out}/eval")
+          f"({seconds:.1f} s, content {manifest.content_hash[:12]}); eval sets in {args.out}/eval"
+          + (f"; {args.labelled} labelled images in {args.out}/labelled" if args.labelled else ""))
     return 0
 
 
