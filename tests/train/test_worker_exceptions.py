@@ -91,6 +91,14 @@ CLASSIFIED: dict[tuple[str, str, str], tuple[str, Any]] = {
                                                        "optim": {"warmup_steps": 20}}),
     ("train/optim", "param_groups", "ValueError"): (INT, "weight_decay >= 0 is enforced by the config"),
     ("train/optim", "build_optimizer", "ValueError"): (PRE, {"optim": {"betas": [0.9, 1.5]}}),
+    ("train/optim", "_adafactor_bv", "ValueError"): (PRE, {"optim": {"name": "adafactor_bv",
+                                                                     "betas": [1.5, 0.9]},
+                                                           "train": {"zero_stage": 0}}),
+    ("train/ds_config", "refuse_flattening_optimizer", "ConfigError"): (
+        PRE, {"optim": {"name": "adafactor_bv"}, "train": {"zero_stage": 2}}),
+    ("models/presets", "model_for", "ConfigError"): (INT, "data.labels.num_classes is resolved by preflight "
+                                                     "(tests/train/test_preflight_classify.py)"),
+    ("data/pipeline", "label_settings", "ValueError"): (INT, "num_classes is resolved by preflight"),
     ("train/checkpoint", "load_checkpoint", "ValueError"): (PRE, "world-size change: check_resume "
                                                             "(tests/train/test_preflight.py)"),
     ("train/checkpoint", "load_checkpoint", "RuntimeError"): (RT, "a checkpoint folder damaged after the "
