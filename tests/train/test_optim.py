@@ -105,3 +105,22 @@ def test_adafactor_builds_and_steps():
     opt.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_a_module_with_an_lr_mult_gets_groups_of_its_own(micro):
+    model = create_model("micro")
+    plain = [(g["name"], len(g["params"])) for g in param_groups(model, 0.1)]
+    model.image_tower.lr_mult = 0.5
+    groups = param_groups(model, 0.1)
+    assert [g["name"] for g in groups] == ["decay", "no_decay", "image_tower.decay", "image_tower.no_decay"]
+    assert [g.get("lr_mult") for g in groups] == [None, None, 0.5, 0.5]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0, 0.1, 0.0]
+    by_group = {g["name"]: set(_names(model, g["params"])) for g in groups}
+    image = {n for n, _ in model.named_parameters() if n.startswith("image_tower.")}
+    assert by_group["image_tower.decay"] | by_group["image_tower.no_decay"] == image
+    assert not image & (by_group["decay"] | by_group["no_decay"])
+    # the decay rule is unchanged: a parameter decays in the tower's groups iff it did before
+    decay, _ = _expected(model)
+    assert by_group["decay"] | by_group["image_tower.decay"] == decay
+    model.image_tower.lr_mult = None
+    assert [(g["name"], len(g["params"])) for g in param_groups(model, 0.1)] == plain

@@ -1,4 +1,5 @@
-"""Model axis of scalelab: image and text towers, the dual encoder, named presets, size/MAC accounting.
+"""Model axis of scalelab: image and text towers, the dual encoder, named presets, size/MAC accounting,
+and pretrained image-tower weights (timm-compatible files).
 
 Single-device nn.Modules only; distribution (ZeRO, DDP) is applied by `scalelab.train`.
 Imports torch, timm and scalelab.config — never ray, deepspeed or mlflow.
@@ -7,6 +8,7 @@ Imports torch, timm and scalelab.config — never ray, deepspeed or mlflow.
 from scalelab.models.dual import DualEncoder, Temperature
 from scalelab.models.image import ImageTower, create_backbone, has_batchnorm, swap_batchnorm_for_groupnorm
 from scalelab.models.presets import build_model, create_model, get_spec, list_presets, register_preset
+from scalelab.models.pretrained import load_image_weights, match_image_weights, read_weights_file
 from scalelab.models.stats import (
     ModelStats,
     activation_bytes_per_sample,
@@ -31,8 +33,11 @@ __all__ = [
     "get_spec",
     "has_batchnorm",
     "list_presets",
+    "load_image_weights",
+    "match_image_weights",
     "preset_stats",
     "preset_table",
+    "read_weights_file",
     "register_preset",
     "swap_batchnorm_for_groupnorm",
 ]
