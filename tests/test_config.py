@@ -1,5 +1,7 @@
 """Typed configs: YAML in, validated, dot overrides, flat params out; clear errors on bad input."""
 
+import re
+
 import pytest
 
 from scalelab.config import (
@@ -9,6 +11,7 @@ from scalelab.config import (
     flatten,
     load_experiment,
     parse_overrides,
+    resolve_paths,
 )
 
 
@@ -105,3 +108,26 @@ def test_errors_inside_list_fields_name_the_element():
         load_experiment(None, ["data.crop_scale=[0.9, 0.2]"])
     with pytest.raises(ConfigError, match="data.sources"):
         load_experiment(None, ["data.sources=[]"])
+
+
+@pytest.mark.parametrize(("image", "message"), [
+    ({"unlock_at_step": 5}, "model.image.unlock_at_step needs model.image.lock: true"),
+    ({"lock": True, "lr_mult": 0.1}, "model.image.lr_mult=0.1 has no effect on a tower locked for the whole"),
+    ({"lr_mult": 0}, "model.image.lr_mult: Input should be greater than 0"),
+    ({"lock": True, "unlock_at_step": 0}, "model.image.unlock_at_step: Input should be greater than 0"),
+    ({"init": " "}, "model.image.init is empty"),
+])
+def test_image_combinations_are_refused_naming_the_field(image, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_experiment(overrides=[f"model.image.{k}={v}" for k, v in image.items()])
+
+
+def test_image_settings_validate_and_init_becomes_absolute(tmp_path):
+    cfg = load_experiment(overrides=["model.image.init=weights/vit.safetensors", "model.image.lock=true",
+                                     "model.image.unlock_at_step=100", "model.image.lr_mult=0.1"])
+    assert (cfg.model.image.lock, cfg.model.image.unlock_at_step, cfg.model.image.lr_mult) == (True, 100, 0.1)
+    assert flatten(cfg.to_dict())["model.image.init"] == "weights/vit.safetensors"
+    resolved = resolve_paths(cfg, tmp_path)
+    assert resolved.model.image.init == str(tmp_path / "weights" / "vit.safetensors")
+    assert resolved.model.image.lock and resolved.model.preset == cfg.model.preset
+    assert load_experiment().model.image.init is None  # the default: a random tower, trained

@@ -314,3 +314,56 @@ def test_group_norm_swap_is_exact_and_silent():
     with warnings.catch_warnings():
         warnings.simplefilter("error", BatchNormCacheWarning)
         _cached_vs_naive(model, 8, micro=3)
+
+
+# --------------------------------------------------------------------------- locked image tower (LiT)
+def _locked_reference(model, images, tokens, text_micro):
+    """The full-batch loss with the image embeddings of the frozen tower (computed without autograd)
+    and the text tower encoded micro-batch by micro-batch in one graph; one backward."""
+    model.zero_grad(set_to_none=True)
+    n = images.shape[0]
+    with torch.no_grad():
+        img = model.encode_image(images)
+    txt = torch.cat([model.encode_text(tokens[s]) for s in micro_batch_slices(n, text_micro)])
+    logits = model.logit_scale.exp() * img @ txt.T
+    rows = torch.stack([torch.logsumexp(logits[i], 0) - logits[i, i] for i in range(n)]).mean()
+    cols = torch.stack([torch.logsumexp(logits[:, j], 0) - logits[j, j] for j in range(n)]).mean()
+    value = (rows + cols) / 2
+    value.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return value.item(), grads
+
+
+# frozen: the tower is locked for good (requires_grad False); else it unlocks later and keeps
+# requires_grad, and the cached step must still leave it without a gradient.
+@pytest.mark.parametrize(("batch", "micro", "text_micro", "frozen"),
+                         [(12, 5, 4, True), (13, 13, 3, False), (10, 2, 10, True), (9, 4, 2, False)])
+def test_locked_image_tower_gives_the_text_tower_the_full_batch_gradient(batch, micro, text_micro, frozen):
+    torch.manual_seed(5)
+    model = create_model("micro", **DROPOUT).double().train().lock_image_tower(True)
+    if frozen:
+        model.image_tower.requires_grad_(False)
+    assert not model.image_tower.training and model.text_tower.training  # dropout off in the tower only
+    images, tokens = _batch(model, batch, seed=1)
+    torch.manual_seed(6)
+    want_loss, expected = _locked_reference(model, images, tokens, text_micro)
+    rng_after_reference = torch.get_rng_state()
+    calls = []
+
+    def backward(loss):
+        calls.append(loss.detach())
+        loss.backward()
+
+    torch.manual_seed(6)
+    result = cached_step(model, images, tokens, micro_batch_size=micro, text_micro_batch_size=text_micro,
+                         backward=backward, lock_image=True)
+    assert result.loss == pytest.approx(want_loss, rel=1e-12)
+    assert result.replay_max_abs_diff == 0.0  # the text replay, dropout included
+    assert torch.equal(torch.get_rng_state(), rng_after_reference)  # the locked tower drew no noise
+    # one call per text micro-batch: the image tower is encoded once and never replayed
+    assert len(calls) == result.backward_calls == math.ceil(batch / text_micro)
+    assert result.image_micro_batches == math.ceil(batch / micro)
+    assert all(p.grad is None for p in model.image_tower.parameters())
+    assert all(name.startswith(("text_tower.", "temperature.")) for name in expected)
+    _assert_same_grads(model, expected)

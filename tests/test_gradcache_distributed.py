@@ -1,5 +1,6 @@
 """Two data-parallel ranks (torch.distributed, gloo): the cached step over the gathered global batch,
-followed by data-parallel gradient averaging, gives the single-process full-batch gradient."""
+followed by data-parallel gradient averaging, gives the single-process full-batch gradient — with both
+towers trained, and with the image tower locked (LiT: encoded once, never replayed, no gradient)."""
 
 import math
 
@@ -34,13 +35,24 @@ def _worker(rank, init_file, out_dir):
         rows = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
         result = cached_step(model, images[rows], tokens[rows], micro_batch_size=4,
                              distributed=True, block_size=5)
-        for p in model.parameters():  # what data-parallel training does: average over ranks
-            dist.all_reduce(p.grad)
-            p.grad /= WORLD
-        grads = {k: p.grad for k, p in model.named_parameters()}
-        torch.save({"grads": grads, "loss": result.loss}, f"{out_dir}/rank{rank}.pt")
+        grads = _averaged_grads(model)
+        model.zero_grad(set_to_none=True)
+        model.lock_image_tower(True)
+        locked = cached_step(model, images[rows], tokens[rows], micro_batch_size=4, text_micro_batch_size=3,
+                             distributed=True, block_size=5, lock_image=True)
+        torch.save({"grads": grads, "loss": result.loss, "locked_grads": _averaged_grads(model),
+                    "locked_loss": locked.loss}, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _averaged_grads(model) -> dict[str, torch.Tensor | None]:
+    """What data-parallel training does with the gradients: average them over ranks."""
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= WORLD
+    return {k: None if p.grad is None else p.grad.clone() for k, p in model.named_parameters()}
 
 
 @pytest.mark.slow
@@ -51,12 +63,23 @@ def test_two_ranks_match_single_process(tmp_path):
     model, images, tokens = _setup()
     model.zero_grad(set_to_none=True)
     single = cached_step(model, images, tokens, micro_batch_size=BATCH)  # one micro-batch: plain step
+    want = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    model.lock_image_tower(True)
+    single_locked = cached_step(model, images, tokens, micro_batch_size=BATCH, lock_image=True)
+    want_locked = {k: p.grad for k, p in model.named_parameters()}
+    assert all(want_locked[k] is None for k in want_locked if k.startswith("image_tower."))
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert got["loss"] == pytest.approx(single.loss, rel=1e-12)
-        for name, param in model.named_parameters():
-            err = (got["grads"][name] - param.grad).norm() / param.grad.norm()
-            assert err <= 1e-10, f"rank {rank} {name}: relative error {err:.3g}"
+        assert got["locked_loss"] == pytest.approx(single_locked.loss, rel=1e-12)
+        for key, expected in (("grads", want), ("locked_grads", want_locked)):
+            for name, ref in expected.items():
+                if ref is None:
+                    assert got[key][name] is None, f"rank {rank} {name} ({key}) got a gradient"
+                    continue
+                err = (got[key][name] - ref).norm() / ref.norm()
+                assert err <= 1e-10, f"rank {rank} {name} ({key}): relative error {err:.3g}"
 
 
 def _nan_on_one_rank_worker(rank, init_file, out_dir):

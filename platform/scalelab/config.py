@@ -24,6 +24,7 @@ __all__ = [
     "ExperimentConfig",
     "Frozen",
     "ImageTowerConfig",
+    "ImageTrainConfig",
     "LabelsConfig",
     "LossConfig",
     "ModelConfig",
@@ -126,6 +127,46 @@ class ModelSpec(Frozen):
         return self.text.context_length
 
 
+class ImageTrainConfig(Frozen):
+    """How the image tower starts and trains (BASIC's pretrained tower; LiT's locked one).
+
+    Not part of the ModelSpec: these change how a tower is trained, not what the model is, so an
+    export or `scalelab models` never sees them.
+    """
+
+    init: str | None = Field(
+        None, description="Start the image tower from weights, never downloaded: a timm-compatible file "
+        "(.safetensors, or torch .pt/.pth/.bin) holding a bare timm model's state dict (the trunk; the "
+        "projection keeps its init) or scalelab's `image_tower.` keys (the whole tower), a `scalelab "
+        "export` directory, a checkpoint folder, or a run directory (its newest complete checkpoint). "
+        "None: random init.",
+    )
+    lock: bool = Field(
+        False, description="LiT: the whole image tower (trunk and projection) is locked: eval mode, no "
+        "gradient, encoded once per sample with no replay. The text tower and the temperature train.",
+    )
+    unlock_at_step: int | None = Field(
+        None, gt=0, description="With lock: the first this many optimizer steps are locked, the tower "
+        "trains from the next one on (MLflow step unlock_at_step + 1). None: locked for the whole run.",
+    )
+    lr_mult: float = Field(
+        1.0, gt=0, description="The image tower's learning rate is the schedule's times this (its own "
+        "parameter groups). To freeze the tower use lock, not a tiny multiplier.",
+    )
+
+    @model_validator(mode="after")
+    def _combinations(self) -> ImageTrainConfig:
+        if self.init is not None and not self.init.strip():
+            raise ValueError("model.image.init is empty: give a weights file or directory, or leave it out")
+        if self.unlock_at_step is not None and not self.lock:
+            raise ValueError("model.image.unlock_at_step needs model.image.lock: true (the tower is locked "
+                             "until that step)")
+        if self.lock and self.unlock_at_step is None and self.lr_mult != 1.0:
+            raise ValueError(f"model.image.lr_mult={self.lr_mult} has no effect on a tower locked for the "
+                             "whole run: set model.image.unlock_at_step, or leave lr_mult out")
+        return self
+
+
 class ModelConfig(Frozen):
     """The model axis of an experiment: a named preset plus optional overrides of its spec."""
 
@@ -133,6 +174,10 @@ class ModelConfig(Frozen):
     overrides: dict[str, Any] = Field(
         default_factory=dict,
         description="Partial ModelSpec merged into the preset, e.g. {text: {dropout: 0.1}}.",
+    )
+    image: ImageTrainConfig = Field(
+        default_factory=ImageTrainConfig,
+        description="Pretrained weights, lock / unlock and learning-rate multiplier of the image tower.",
     )
 
 
@@ -395,6 +440,9 @@ class ExperimentConfig(Frozen):
         if self.eval.sets or self.eval.retrieval:
             raise ValueError("eval.sets / eval.retrieval are zero-shot evaluations of a dual encoder; task "
                              "classify evaluates top-1 on classify.eval_sets")
+        if self.model.image != ImageTrainConfig():
+            raise ValueError("model.image (init, lock, unlock_at_step, lr_mult) configures the contrastive "
+                             "stage's image tower; task classify trains its tower from random init")
         if self.classify.head == "softmax" and labels.max_labels > 1:
             raise ValueError(f"classify.head=softmax takes one label per image but data.labels.max_labels="
                              f"{labels.max_labels}: use classify.head: sigmoid for multi-label data")
@@ -541,7 +589,10 @@ def resolve_paths(cfg: ExperimentConfig, base: str | Path | None = None) -> Expe
         "eval_sets": {name: absolute(d) for name, d in cfg.classify.eval_sets.items()},
     })
     run = cfg.run.model_copy(update={"storage": absolute(cfg.run.storage)})
-    return cfg.model_copy(update={"data": data, "eval": evaluation, "classify": classify, "run": run})
+    image = cfg.model.image.model_copy(update={"init": absolute(cfg.model.image.init)})
+    model = cfg.model.model_copy(update={"image": image})
+    return cfg.model_copy(update={"data": data, "eval": evaluation, "classify": classify, "run": run,
+                                  "model": model})
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -16,6 +16,11 @@ float64), while activation memory is one micro-batch of each tower. This module 
 engine: the caller passes a `backward(loss)` callable (plain autograd by default; `engine.backward`
 in `train/`).
 
+A locked image tower (LiT, `lock_image=True`) is a fixed function: its embeddings from phase 1 are final,
+so it is encoded once and never replayed, and no backward runs through it; only the text tower (and
+the temperature) are replayed, and its parameters get no gradient. One no-grad forward instead of two
+forwards and a backward: the image tower's share of a step costs about a quarter of an unlocked one.
+
 BatchNorm semantics: a train-mode BatchNorm normalises each micro-batch with its own statistics, as in
 data-parallel training ("ghost" batch norm), so gradients equal the full-batch gradient of the model
 *with per-micro-batch statistics*. Running statistics are updated once per micro-batch, in the
@@ -113,6 +118,7 @@ def cached_step(
     distributed: bool = False,
     compute_accuracy: bool = True,
     on_nonfinite: str = "raise",
+    lock_image: bool = False,
 ) -> CachedStepResult:
     """One gradient-cache step: accumulate the full-batch gradient into every parameter's `.grad`.
 
@@ -129,6 +135,11 @@ def cached_step(
     perhaps NaN) without calling `backward`. Finiteness is judged on the *gathered* batch and agreed
     by an all-reduce, so every rank raises or skips together: a rank stopping alone would leave the
     others waiting in the next collective.
+
+    `lock_image=True`: the image tower is locked (module docstring): encoded once without autograd,
+    not replayed, no gradient; `backward` is then called once per *text* micro-batch. The caller puts
+    the tower in eval mode (a locked tower must be a fixed function for its cached embeddings to be
+    exact).
     """
     if on_nonfinite not in ON_NONFINITE:
         raise ValueError(f"on_nonfinite must be one of {', '.join(ON_NONFINITE)}, got {on_nonfinite!r}")
@@ -157,7 +168,8 @@ def cached_step(
     timings["loss_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    replay_diff, calls = _replay(model, (image, text), grads, backward)
+    replayed = (text,) if lock_image else (image, text)
+    replay_diff, calls = _replay(model, replayed, grads, backward)
     _restore_rng(after_cache_rng)  # the step consumes the RNG as one forward would
     timings["replay_backward_s"] = time.perf_counter() - t0
     _warn_replay(replay_diff, image.emb.dtype)

@@ -105,3 +105,16 @@ def test_spec_round_trips_through_plain_dicts():
     model = DualEncoder(spec).eval()
     with torch.no_grad():
         assert model.encode_image(torch.randn(1, 3, 64, 64)).shape == (1, spec.embed_dim)
+
+
+def test_a_locked_image_tower_stays_in_eval_mode():
+    model = create_model("micro", image={"dropout": 0.5}).train()
+    assert model.lock_image_tower(True) is model
+    assert not model.image_tower.training and not model.image_tower.backbone.training
+    model.train()
+    assert model.training and model.text_tower.training and not model.image_tower.training
+    model.eval().train()
+    assert not any(m.training for m in model.image_tower.modules())
+    model.lock_image_tower(False)
+    assert all(m.training for m in model.image_tower.modules())  # back to the model's mode
+    assert all(p.requires_grad for p in model.parameters())  # gradients are the trainer's business

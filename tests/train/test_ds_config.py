@@ -57,6 +57,12 @@ def test_text_micro_batch_sets_the_backward_count():
     assert _cfg(train)["gradient_accumulation_steps"] == 8
 
 
+def test_a_locked_image_tower_calls_backward_per_text_micro_batch():
+    geo = batch_geometry(TrainConfig(global_batch=96, micro_batch_size=16, text_micro_batch_size=32), 2)
+    assert (geo.image_micro_batches, geo.text_micro_batches, geo.backward_calls) == (3, 2, 3)
+    assert (geo.calls_for(image_locked=True), geo.calls_for(image_locked=False)) == (2, 3)
+
+
 def test_bad_geometry_is_refused():
     train = TrainConfig(global_batch=100, micro_batch_size=64)
     with pytest.raises(ConfigError, match="divisible by the world size 3"):

@@ -397,3 +397,20 @@ def test_what_deepspeed_hands_the_optimizer(run, zero_runs):
     torch.manual_seed(0)
     start = dict(_model_and_batches(_zero_config(*run))[0].named_parameters())
     assert not torch.equal(got["module"]["text_tower.proj.weight"], start["text_tower.proj.weight"].float())
+def test_a_module_with_an_lr_mult_gets_groups_of_its_own(micro):
+    model = create_model("micro")
+    plain = [(g["name"], len(g["params"])) for g in param_groups(model, 0.1)]
+    model.image_tower.lr_mult = 0.5
+    groups = param_groups(model, 0.1)
+    assert [g["name"] for g in groups] == ["decay", "no_decay", "image_tower.decay", "image_tower.no_decay"]
+    assert [g.get("lr_mult") for g in groups] == [None, None, 0.5, 0.5]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0, 0.1, 0.0]
+    by_group = {g["name"]: set(_names(model, g["params"])) for g in groups}
+    image = {n for n, _ in model.named_parameters() if n.startswith("image_tower.")}
+    assert by_group["image_tower.decay"] | by_group["image_tower.no_decay"] == image
+    assert not image & (by_group["decay"] | by_group["no_decay"])
+    # the decay rule is unchanged: a parameter decays in the tower's groups iff it did before
+    decay, _ = _expected(model)
+    assert by_group["decay"] | by_group["image_tower.decay"] == decay
+    model.image_tower.lr_mult = None
+    assert [(g["name"], len(g["params"])) for g in param_groups(model, 0.1)] == plain

@@ -114,6 +114,9 @@ def _refused(config: Path, sets: list[str], capsys) -> str:
         (["train.micro_batch_size=0"], "train.micro_batch_size"),
         (["run.storage=/etc/hostname/runs"], "run.storage: /etc/hostname/runs is not writable"),
         (["train.cpus_per_worker=1000"], "× (train.cpus_per_worker=1000.0 + data.decode_cpus=0.25"),
+        (["model.image.init=/nonexistent/vit.safetensors"],
+         "model.image.init: no such file or directory: /nonexistent/vit.safetensors"),
+        (["model.image.unlock_at_step=5"], "model.image.unlock_at_step needs model.image.lock: true"),
     ],
 )
 def test_bad_config_is_refused_in_one_line_before_ray(smoke_config, tmp_path, capsys, sets, message):
@@ -136,6 +139,21 @@ def test_bad_eval_templates_are_refused_before_training(smoke_config, eval_copy,
     config = _write(smoke_config(tmp_path / "runs"), tmp_path / "exp.yaml")
     err = _refused(config, [f"eval.sets={{test: {eval_copy(templates)}}}", "eval.shifted=[]"], capsys)
     assert "eval.sets.test: " in err and message in err
+
+
+def test_image_weights_that_do_not_fit_are_refused_naming_the_keys(smoke_config, tmp_path, capsys):
+    import timm
+    import torch
+
+    torch.manual_seed(0)  # a ViT trunk with another patch size: another position table, patch kernel
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32,
+                            patch_size=4, embed_dim=32, depth=2, num_heads=2)
+    torch.save(vit.state_dict(), tmp_path / "vit.pth")
+    config = _write(smoke_config(tmp_path / "runs"), tmp_path / "exp.yaml")
+    err = _refused(config, [f"model.image.init={tmp_path / 'vit.pth'}", "model.image.lock=true"], capsys)
+    assert "model.image.init: timm trunk weights do not fit the image tower (vit_tiny_patch16_224, 32 px): " \
+           "2 key(s) with another shape: patch_embed.proj.weight (file (32, 3, 4, 4), tower (32, 3, 8, 8))," \
+           " pos_embed (file (1, 65, 32), tower (1, 17, 32))" in err
 
 
 def test_openai_templates_folder_names_and_a_shared_file_pass(smoke_config, eval_copy, tmp_path):

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from scalelab.config import OptimConfig
-from scalelab.train.schedule import apply_lr, lr_at, lr_for
+from scalelab.config import ImageTrainConfig, OptimConfig
+from scalelab.train.schedule import apply_lr, image_locked_at, lr_at, lr_for
 
 KW = dict(peak_lr=1.0, warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
 
@@ -79,3 +79,26 @@ def test_apply_lr_sets_every_group_including_tensor_lr():
     held = tensor_lr.param_groups[0]["lr"]
     apply_lr(tensor_lr, 0.5)
     assert tensor_lr.param_groups[0]["lr"] is held and held.item() == 0.5
+
+
+def test_apply_lr_honours_each_groups_multiplier_and_pauses():
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(4)]
+    optimizer = torch.optim.AdamW([
+        {"params": [params[0]], "name": "decay"},
+        {"params": [params[1]], "name": "no_decay"},
+        {"params": [params[2]], "name": "image_tower.decay", "lr_mult": 0.25},
+        {"params": [params[3]], "name": "image_tower.no_decay", "lr_mult": 0.25},
+    ], lr=1.0)
+    apply_lr(optimizer, 0.4)
+    assert [g["lr"] for g in optimizer.param_groups] == [0.4, 0.4, 0.1, 0.1]
+    apply_lr(optimizer, 0.4, paused=("image_tower.decay", "image_tower.no_decay"))
+    assert [g["lr"] for g in optimizer.param_groups] == [0.4, 0.4, 0.0, 0.0]
+
+
+@pytest.mark.parametrize(("image", "locked"), [
+    ({}, [False] * 4),
+    ({"lock": True}, [True] * 4),
+    ({"lock": True, "unlock_at_step": 2}, [True, True, False, False]),  # step 2 is the first to train
+])
+def test_image_locked_at_counts_steps_already_taken(image, locked):
+    assert [image_locked_at(s, ImageTrainConfig(**image)) for s in range(4)] == locked

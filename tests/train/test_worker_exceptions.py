@@ -26,7 +26,8 @@ WORKER_PATH = ("train/loop", "train/stream", "train/evaluator", "train/reporter"
                "train/schedule", "train/optim", "train/checkpoint", "train/compute", "data/pipeline",
                "data/plan", "data/batches", "data/prompts", "data/tokenizer", "eval/datasets",
                "eval/zeroshot",
-               "eval/retrieval", "gradcache", "models/image", "models/presets", "models/text")
+               "eval/retrieval", "gradcache", "models/image", "models/presets", "models/text",
+               "train/image_tower", "train/export", "models/pretrained")
 
 
 def _eval_set(templates: str | None, classnames: str | None = "keep", empty: bool = False):
@@ -57,6 +58,47 @@ def _no_dirs(world: Path, tmp: Path) -> dict[str, Any]:
 def _bad_tokenizer(world: Path, tmp: Path) -> dict[str, Any]:
     (tmp / "tok.json").write_text('{"not": "a tokenizer"}')
     return {"data": {"tokenizer": str(tmp / "tok.json")}}
+
+
+def _init(make):
+    """Overrides builder: `model.image.init` pointing at what `make(tmp)` writes there."""
+    def build(world: Path, tmp: Path) -> dict[str, Any]:
+        return {"model": {"image": {"init": str(make(tmp))}}}
+    return build
+
+
+def _wrong_shapes(tmp: Path) -> Path:
+    import torch
+
+    from scalelab.models import create_model
+
+    state = {f"image_tower.{k}": v for k, v in create_model("micro").image_tower.state_dict().items()}
+    state["image_tower.proj.weight"] = torch.zeros(3, 3)
+    torch.save(state, tmp / "wrong.pt")
+    return tmp / "wrong.pt"
+
+
+def _not_weights(tmp: Path) -> Path:
+    (tmp / "garbage.pt").write_bytes(b"not a torch file")
+    return tmp / "garbage.pt"
+
+
+def _without(deepspeed: bool):
+    """A checkpoint folder with its scalelab.json but no DeepSpeed weights (an interrupted copy);
+    `deepspeed`: with DeepSpeed's state folder (empty) or without."""
+    def make(tmp: Path) -> Path:
+        import json
+        from dataclasses import asdict
+
+        from scalelab.config import ExperimentConfig
+        from scalelab.train.checkpoint import RunState
+
+        folder = tmp / "step_00000004"
+        (folder / "deepspeed" / "state").mkdir(parents=True) if deepspeed else folder.mkdir()
+        run = RunState(step=4, config=ExperimentConfig(model={"preset": "micro"}).to_dict())
+        (folder / "scalelab.json").write_text(json.dumps(asdict(run)))
+        return folder
+    return make
 
 
 PRE = "preflight"
@@ -161,6 +203,21 @@ CLASSIFIED: dict[tuple[str, str, str], tuple[str, Any]] = {
     ("models/presets", "register_preset", "ValueError"): (INT, "registration at import time"),
     ("models/presets", "decorator", "ValueError"): (INT, "registration at import time"),
     ("models/text", "forward", "ValueError"): (INT, "token shapes fixed by the tokenizer and context_length"),
+    # --- the image tower's start (model.image.init): every rank reads what preflight read
+    ("train/image_tower", "read_image_init", "ConfigError"): (PRE, {"model": {"image": {"init": "/absent"}}}),
+    ("train/image_tower", "read_image_init", "FileNotFoundError"): (PRE, _init(lambda tmp: tmp)),
+    ("train/image_tower", "prepare_model", "ConfigError"): (PRE, _init(_wrong_shapes)),
+    ("train/image_tower", "check_image_init", "ConfigError"): (PRE, _init(_wrong_shapes)),
+    ("models/pretrained", "match_image_weights", "ValueError"): (PRE, _init(_wrong_shapes)),
+    ("models/pretrained", "read_weights_file", "ValueError"): (PRE, _init(_not_weights)),
+    ("models/pretrained", "read_weights_file", "FileNotFoundError"): (INT, "read_image_init passes existing "
+                                                                      "files only"),
+    ("train/export", "read_checkpoint_weights", "FileNotFoundError"): (PRE, _init(_without(deepspeed=False))),
+    ("train/export", "_fp32_weights", "FileNotFoundError"): (PRE, _init(_without(deepspeed=True))),
+    ("train/export", "_in_model_shapes", "ValueError"): (PRE, "an init checkpoint whose weights do not fit "
+                                                         "its own config: check_image_init reads the same"),
+    ("train/export", "_masters_by_name", "ValueError"): (PRE, "as _in_model_shapes (a bf16 ZeRO-0 init "
+                                                         "checkpoint): check_image_init reads the same"),
 }
 
 

@@ -1,5 +1,5 @@
 """Model axis of scalelab: image and text towers, the dual encoder, the image classifier (the supervised
-stage), named presets, size/MAC accounting.
+stage), named presets, size/MAC accounting, and pretrained image-tower weights (timm-compatible files).
 
 Single-device nn.Modules only; distribution (ZeRO, DDP) is applied by `scalelab.train`.
 Imports torch, timm and scalelab.config — never ray, deepspeed or mlflow.
@@ -17,6 +17,7 @@ from scalelab.models.presets import (
     model_for,
     register_preset,
 )
+from scalelab.models.pretrained import load_image_weights, match_image_weights, read_weights_file
 from scalelab.models.stats import (
     ModelStats,
     activation_bytes_per_sample,
@@ -43,9 +44,12 @@ __all__ = [
     "get_spec",
     "has_batchnorm",
     "list_presets",
+    "load_image_weights",
+    "match_image_weights",
     "model_for",
     "preset_stats",
     "preset_table",
+    "read_weights_file",
     "register_preset",
     "swap_batchnorm_for_groupnorm",
 ]

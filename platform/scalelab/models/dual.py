@@ -39,6 +39,7 @@ class DualEncoder(nn.Module):
         self.image_tower = ImageTower(spec.image, spec.embed_dim)
         self.text_tower = TextTower(spec.text, spec.embed_dim)
         self.temperature = Temperature(spec.init_logit_scale, spec.logit_bias, spec.init_logit_bias)
+        self.image_locked = False  # see lock_image_tower
         if spec.grad_checkpointing:
             self.set_grad_checkpointing(True)
 
@@ -61,6 +62,24 @@ class DualEncoder(nn.Module):
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(image embeddings, text embeddings); the loss is a separate pure function (scalelab.losses)."""
         return self.encode_image(images), self.encode_text(tokens)
+
+    def lock_image_tower(self, locked: bool = True) -> DualEncoder:
+        """LiT's locked image tower: in eval mode while `locked`, whatever `train()` is called with.
+
+        A locked tower must not move at all: eval mode keeps BatchNorm's running statistics still and
+        turns dropout / stochastic depth off, so a locked tower is a fixed function of its input (LiT
+        locks the tower entirely). Unlocking restores the mode of the rest of the model. Gradients are
+        the trainer's business: it freezes a tower locked for good (requires_grad False) and keeps one
+        that unlocks later in its optimizer; the cached step simply never backpropagates through it.
+        """
+        self.image_locked = locked
+        return self.train(self.training)
+
+    def train(self, mode: bool = True) -> DualEncoder:
+        super().train(mode)
+        if self.image_locked:
+            self.image_tower.eval()
+        return self
 
     @torch.no_grad()
     def clamp_(self) -> DualEncoder:

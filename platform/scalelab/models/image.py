@@ -115,6 +115,10 @@ class ImageTower(nn.Module):
     def __init__(self, cfg: ImageTowerConfig, embed_dim: int) -> None:
         super().__init__()
         self.cfg = cfg
+        # An optimizer hint, set by the trainer from `model.image.lr_mult` / `unlock_at_step`: a module
+        # with an lr_mult gets parameter groups of its own (train/optim.param_groups). None: it shares
+        # the model's groups.
+        self.lr_mult: float | None = None
         self.backbone = create_backbone(cfg)
         if cfg.norm == "group":
             swap_batchnorm_for_groupnorm(self.backbone)

@@ -62,6 +62,14 @@ class BatchGeometry:
         """Backward calls per rank per step = DeepSpeed's gradient_accumulation_steps."""
         return max(self.image_micro_batches, self.text_micro_batches)
 
+    def calls_for(self, image_locked: bool) -> int:
+        """Backward calls of one step: a locked image tower is not replayed, so only the text
+        micro-batches call backward. DeepSpeed keeps `backward_calls` as its accumulation steps either
+        way (one config for a run whose tower unlocks midway): the boundary is set explicitly on the
+        last call, and with fewer calls than accumulation steps every ZeRO stage still accumulates and
+        reduces exactly (tests/train/test_image_tower.py)."""
+        return self.text_micro_batches if image_locked else self.backward_calls
+
 
 def batch_geometry(train: TrainConfig, world_size: int) -> BatchGeometry:
     """Split `train.global_batch` over `world_size` ranks and into micro-batches (module docstring)."""

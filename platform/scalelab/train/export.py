@@ -29,6 +29,9 @@ exception is ZeRO-0 bf16, whose wrapper's masters training cannot read: it evalu
 so that export (fp32 masters) can score slightly differently.
 
 `build_engine` gives 0-dim parameters (the temperature) shape [1]; export restores the model's shapes.
+`read_checkpoint_weights` is the reading half on its own (`model.image.init` takes a run's image tower
+from it). Parameters a run kept frozen (a locked image tower) have no master copy: `zero_to_fp32`
+returns them under ZeRO-2/3, the module states hold them under ZeRO-0/1 (`_with_frozen_parameters`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import io
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +49,10 @@ import torch
 from torch import nn
 
 from scalelab.config import ExperimentConfig, validate
-from scalelab.train.checkpoint import DS_SUBDIR, DS_TAG, read_run_state
+from scalelab.train.checkpoint import DS_SUBDIR, DS_TAG, RunState, read_run_state
 
-__all__ = ["CONFIG_NAME", "EXPORT_FORMAT", "MODEL_NAME", "TOKENIZER_NAME", "export_checkpoint", "is_exported"]
+__all__ = ["CONFIG_NAME", "EXPORT_FORMAT", "MODEL_NAME", "TOKENIZER_NAME", "CheckpointWeights",
+           "export_checkpoint", "is_exported", "read_checkpoint_weights"]
 
 MODEL_NAME = "model.pt"
 CONFIG_NAME = "config.json"
@@ -69,24 +74,17 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     scalelab.json, or no DeepSpeed state) or the run's tokenizer file is gone.
     """
     from scalelab.data.tokenizer import tokenizer_path
-    from scalelab.models import get_spec, model_for
+    from scalelab.models import get_spec
 
     checkpoint, out = Path(checkpoint), Path(out)
-    run = read_run_state(checkpoint)
-    ds_dir = checkpoint / DS_SUBDIR
-    if not (ds_dir / DS_TAG).is_dir():
-        raise FileNotFoundError(f"{checkpoint} is not a complete scalelab checkpoint (no {ds_dir / DS_TAG})")
-    cfg = validate(ExperimentConfig, run.config)
+    weights = read_checkpoint_weights(checkpoint)
+    cfg, run = weights.config, weights.run
     classify = cfg.task == "classify"
     tokenizer = None if classify else tokenizer_path(cfg.data)
-    model = model_for(cfg)
-    raw, source = _fp32_weights(ds_dir / DS_TAG, model, cfg)
-    state = _in_model_shapes(raw, model)
-    model.load_state_dict(state, strict=True)  # refuse to write anything a DualEncoder cannot load
 
     out.mkdir(parents=True, exist_ok=True)
     partial = out / (MODEL_NAME + ".partial")
-    torch.save(state, partial)
+    torch.save(weights.state, partial)
     os.replace(partial, out / MODEL_NAME)  # a crash never leaves a truncated model.pt behind
     if tokenizer is not None:
         shutil.copyfile(tokenizer, out / TOKENIZER_NAME)
@@ -97,12 +95,47 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
         "step": run.step,
         "samples_seen": run.samples_seen,
         "source": str(checkpoint.resolve()),
-        "weights": source,
+        "weights": weights.source,
     }
     if classify:
         meta.update(task="classify", num_classes=cfg.data.labels.num_classes, head=cfg.classify.head)
     (out / CONFIG_NAME).write_text(json.dumps(meta, indent=1, sort_keys=True))
     return out
+
+
+@dataclass(frozen=True)
+class CheckpointWeights:
+    """A checkpoint's fp32 weights as `export_checkpoint` writes them, and where they came from."""
+
+    state: dict[str, torch.Tensor]  # plain fp32 tensors in the model's own shapes, strict-loadable
+    config: ExperimentConfig
+    run: RunState
+    source: str  # "zero_to_fp32", "module", "fp32_groups" or "module_bf16_cast" (module docstring)
+
+
+def read_checkpoint_weights(checkpoint: str | Path) -> CheckpointWeights:
+    """The fp32 weights of training checkpoint folder `checkpoint` (no files written).
+
+    Raises FileNotFoundError naming the path when it is not a complete scalelab checkpoint.
+    """
+    from scalelab.models import model_for
+    from scalelab.train.image_tower import prepare_model
+
+    checkpoint = Path(checkpoint)
+    run = read_run_state(checkpoint)
+    ds_dir = checkpoint / DS_SUBDIR
+    if not (ds_dir / DS_TAG).is_dir():
+        raise FileNotFoundError(f"{checkpoint} is not a complete scalelab checkpoint (no {ds_dir / DS_TAG})")
+    cfg = validate(ExperimentConfig, run.config)
+    # Laid out as training laid it out (frozen tower, its own groups): the bf16 masters are matched by
+    # the optimizer's groups. Its init weights are not needed, the checkpoint holds the trained ones.
+    model = model_for(cfg)  # the dual encoder, or the classifier of a `task: classify` run
+    if cfg.task == "contrastive":
+        model = prepare_model(model, cfg, load_weights=False)
+    raw, source = _fp32_weights(ds_dir / DS_TAG, model, cfg)
+    state = _in_model_shapes(raw, model)
+    model.load_state_dict(state, strict=True)  # refuse anything the run's model cannot load
+    return CheckpointWeights(state, cfg, run, source)
 
 
 def _fp32_weights(tag_dir: Path, model: nn.Module, cfg: ExperimentConfig) -> tuple[dict[str, Any], str]:
@@ -112,8 +145,8 @@ def _fp32_weights(tag_dir: Path, model: nn.Module, cfg: ExperimentConfig) -> tup
 
         # It prints its progress to stdout, which would corrupt `scalelab eval --json`: swallow it.
         with contextlib.redirect_stdout(io.StringIO()):
-            state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-        return dict(state), "zero_to_fp32"
+            state = dict(get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name))
+        return _with_frozen_parameters(state, tag_dir, model), "zero_to_fp32"
     states_file = tag_dir / _MODEL_STATES
     if not states_file.is_file():
         raise FileNotFoundError(f"no DeepSpeed module states in {tag_dir} (expected {_MODEL_STATES})")
@@ -126,6 +159,20 @@ def _fp32_weights(tag_dir: Path, model: nn.Module, cfg: ExperimentConfig) -> tup
     if isinstance(optimizer, dict) and optimizer.get("fp32_groups"):
         return _masters_by_name(module, optimizer["fp32_groups"], model, cfg), "fp32_groups"
     return module, "module_bf16_cast"
+
+
+def _with_frozen_parameters(state: dict[str, Any], tag_dir: Path, model: nn.Module) -> dict[str, Any]:
+    """Add the frozen parameters (a locked image tower) `zero_to_fp32` leaves out under ZeRO-1.
+
+    DeepSpeed 0.19.8 writes frozen parameters beside the optimizer partitions only when it partitions
+    gradients (ZeRO-2/3). Under ZeRO-1 the module states hold every parameter whole, and a frozen one
+    has no master copy that could differ from it: that value is the trained (untouched) one.
+    """
+    missing = [name for name in model.state_dict() if name not in state]
+    if missing and (tag_dir / _MODEL_STATES).is_file():
+        module = torch.load(tag_dir / _MODEL_STATES, map_location="cpu", weights_only=False)["module"]
+        state.update({name: module[name] for name in missing if name in module})
+    return state
 
 
 def _masters_by_name(module: dict[str, Any], fp32_groups: list[list[torch.Tensor]], model: nn.Module,

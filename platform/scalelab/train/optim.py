@@ -133,21 +133,30 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     two groups are returned even when `weight_decay` is 0, so the optimizer-state layout (which a
     checkpoint is keyed by) does not change with the value; an empty group is left out (ZeRO cannot
     flatten an empty group).
+
+    A submodule with an `lr_mult` attribute that is not None (the image tower, for `model.image`) gets
+    two groups of its own after those, "<module>.decay" and "<module>.no_decay", carrying "lr_mult"
+    (`schedule.apply_lr` multiplies the scheduled lr by it). Without one the layout is the two groups
+    above, as in checkpoints written before multipliers existed.
     """
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
     advertised = _advertised_no_decay(model)
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
+    owners = {f"{n}.": m.lr_mult for n, m in model.named_modules()
+              if n and getattr(m, "lr_mult", None) is not None}
+    groups = {"": [
+        {"name": "decay", "params": [], "weight_decay": float(weight_decay)},
+        {"name": "no_decay", "params": [], "weight_decay": 0.0},
+    ]}
+    for prefix, mult in owners.items():
+        groups[prefix] = [{**g, "name": prefix + g["name"], "params": [], "lr_mult": float(mult)}
+                          for g in groups[""]]
     for name, module, attr, param in _owned_parameters(model):
         if not param.requires_grad:
             continue
-        (no_decay if is_no_decay(name, module, attr, param, advertised) else decay).append(param)
-    groups = [
-        {"name": "decay", "params": decay, "weight_decay": float(weight_decay)},
-        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
-    ]
-    return [g for g in groups if g["params"]]
+        owner = max((p for p in groups if name.startswith(p)), key=len)  # the innermost owner
+        groups[owner][1 if is_no_decay(name, module, attr, param, advertised) else 0]["params"].append(param)
+    return [g for pair in groups.values() for g in pair if g["params"]]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:

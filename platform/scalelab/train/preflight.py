@@ -72,14 +72,19 @@ def _check_schedule(cfg: ExperimentConfig) -> None:
 
 def _check_optimizer(cfg: ExperimentConfig) -> None:
     """Build the optimizer over the model's parameter groups on the meta device (no memory): torch's
-    own argument checks (betas in [0, 1), eps, lr) run here instead of in every worker."""
+    own argument checks (betas in [0, 1), eps, lr) run here instead of in every worker. The image
+    tower's pretrained weights (`model.image.init`) are read and matched against it here too."""
     import torch
 
     from scalelab.models import model_for
+    from scalelab.train.image_tower import check_image_init, prepare_model
     from scalelab.train.optim import build_optimizer
 
     with torch.device("meta"):
         model = model_for(cfg)
+    if cfg.task == "contrastive":
+        check_image_init(cfg, model)  # model.image.init: the path, its format, its keys and shapes
+        prepare_model(model, cfg, load_weights=False)  # the groups training builds (locked, lr_mult)
     try:
         build_optimizer(model, cfg.optim)
     except ValueError as err:

@@ -22,18 +22,22 @@ warmup_steps, T = total_steps, P = peak_lr, m = min_lr_ratio:
 - T ≤ W is refused (ValueError): the cosine would be empty, so the run would end at (or before) the
   peak — almost always a warmup copied from a longer run into a short sweep point. Say what you mean
   with a smaller warmup.
+
+A parameter group may scale the curve (its "lr_mult", the image tower's `model.image.lr_mult`) or be
+paused (lr 0: a locked tower that unlocks later, `image_locked_at`); both are functions of the step too.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from typing import Any
 
 from torch import Tensor
 
-from scalelab.config import OptimConfig
+from scalelab.config import ImageTrainConfig, OptimConfig
 
-__all__ = ["apply_lr", "lr_at", "lr_for"]
+__all__ = ["apply_lr", "image_locked_at", "lr_at", "lr_for"]
 
 
 def _check(step: int, peak_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> None:
@@ -75,16 +79,26 @@ def lr_for(step: int, optim: OptimConfig, total_steps: int) -> float:
     )
 
 
-def apply_lr(optimizer: Any, lr: float) -> None:
-    """Set every parameter group's learning rate to `lr` (call before each `step()`).
+def image_locked_at(step: int, image: ImageTrainConfig) -> bool:
+    """Whether the image tower is locked for optimizer step `step` (0-based: steps already taken):
+    `model.image.lock`, until `unlock_at_step` when one is set (that step is the first to train it)."""
+    return image.lock and (image.unlock_at_step is None or step < image.unlock_at_step)
 
+
+def apply_lr(optimizer: Any, lr: float, *, paused: Collection[str] = ()) -> None:
+    """Set each parameter group's learning rate to `lr` × its "lr_mult" (1 when it has none), or to 0
+    for a group whose "name" is in `paused` (call before each `step()`).
+
+    A paused group's decoupled weight decay (θ ← θ − lr · wd · θ) is then a multiplication by exactly
+    1, and with a zero gradient AdamW / Adafactor / Lion move nothing: its parameters stay bit for bit.
     Works on a torch optimizer and on DeepSpeed's wrappers, whose `param_groups` are the wrapped
     optimizer's. A tensor-valued group lr (torch's capturable/compiled optimizers) is filled in
     place so the tensor captured by a compiled step stays the one that is read.
     """
     for group in optimizer.param_groups:
+        value = 0.0 if group.get("name") in paused else float(lr) * group.get("lr_mult", 1.0)
         current = group.get("lr")
         if isinstance(current, Tensor):
-            current.fill_(lr)
+            current.fill_(value)
         else:
-            group["lr"] = float(lr)
+            group["lr"] = value

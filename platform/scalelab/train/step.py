@@ -46,6 +46,7 @@ from scalelab.config import MAX_LOGIT_SCALE, ExperimentConfig
 from scalelab.gradcache import CachedStepResult, cached_step
 from scalelab.train.ds_config import batch_geometry
 from scalelab.train.engine import StepOutcome, begin_micro_step, optimizer_step, zero_stage
+from scalelab.train.image_tower import enter_image_phase, fresh_while_paused
 from scalelab.train.schedule import apply_lr, lr_for
 
 __all__ = ["NonFiniteGuard", "NonFiniteRunError", "clamp_temperature", "train_step"]
@@ -62,7 +63,8 @@ def train_step(
     the loss used, i.e. before this step's update), `train/grad_norm` (global, before clipping; None
     when not computed), `train/skipped` (1.0 when the step was skipped as non-finite, else 0.0: no
     update on any rank), `train/image_accuracy`, `train/text_accuracy`, `train/replay_max_abs_diff`,
-    and `train/time/<phase>_s` for cache_forward, loss, replay_backward, optimizer and total.
+    and `train/time/<phase>_s` for cache_forward, loss, replay_backward, optimizer and total; with
+    `model.image.lock`, `train/image_locked` (1.0 while the image tower is locked: train/image_tower.py).
     """
     t_start = time.perf_counter()
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
@@ -73,12 +75,13 @@ def train_step(
             f"{cfg.train.global_batch} / {world} = {geometry.per_rank_batch}"
         )
     lr = lr_for(step, cfg.optim, cfg.train.steps)
-    apply_lr(engine.optimizer, lr)
+    image = enter_image_phase(engine.module, cfg.model.image, step)  # locked (LiT) or training
+    apply_lr(engine.optimizer, lr, paused=image.paused)
     # Under bf16 DeepSpeed keeps the module in bf16 and casts inputs in `engine.forward`, which the
     # gradient cache bypasses (it calls the module itself): cast the images here (tokens are ids).
     images = images.to(_compute_dtype(engine.module))
 
-    backward = _EngineBackward(engine, geometry.backward_calls)
+    backward = _EngineBackward(engine, geometry.calls_for(image.locked))
     result = cached_step(
         engine.module,
         images,
@@ -90,17 +93,21 @@ def train_step(
         backward=backward,
         distributed=world > 1,
         on_nonfinite="skip",
+        lock_image=image.locked,
     )
     t0 = time.perf_counter()
     outcome = StepOutcome(applied=False, grad_norm=None)
     if not result.skipped:  # a skipped cached step made no backward call: nothing to step or clear
         backward.check_complete()
-        outcome = optimizer_step(engine)
+        with fresh_while_paused(engine, image.paused):  # a paused tower's optimizer state stays fresh
+            outcome = optimizer_step(engine)
         if outcome.applied:  # after a skipped update the temperature is as clamped as before
             clamp_temperature(engine)
     t_opt = time.perf_counter() - t0
 
     metrics = _metrics(result, outcome, lr)
+    if cfg.model.image.lock:
+        metrics["train/image_locked"] = 1.0 if image.locked else 0.0
     metrics["train/time/optimizer_s"] = t_opt
     metrics["train/time/total_s"] = time.perf_counter() - t_start
     return metrics

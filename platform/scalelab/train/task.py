@@ -19,6 +19,7 @@ import torch
 from scalelab.config import ExperimentConfig
 from scalelab.train.checkpoint import RankState, RunState, load_checkpoint, save_checkpoint
 from scalelab.train.engine import build_engine, zero_stage
+from scalelab.train.image_tower import prepare_model
 from scalelab.train.step import train_step
 
 __all__ = ["ContrastiveTask", "make_task"]
@@ -32,8 +33,11 @@ class ContrastiveTask:
 
         self.cfg, self.rank, self.world = cfg, rank, world
         torch.manual_seed(cfg.train.seed)  # identical initial parameters on every rank
-        self.engine, _ = build_engine(create_model(cfg.model.preset, **cfg.model.overrides), cfg,
-                                      world_size=world)
+        model = create_model(cfg.model.preset, **cfg.model.overrides)
+        # Pretrained image weights (every rank reads them) and the tower's lock, before ZeRO partitions
+        # the parameters and builds the optimizer's groups.
+        prepare_model(model, cfg)
+        self.engine, _ = build_engine(model, cfg, world_size=world)
         torch.manual_seed(cfg.train.seed * 7919 + 1 + rank)  # dropout noise differs between ranks
 
     def step(self, batch: Any, step: int) -> dict[str, float | None]:
