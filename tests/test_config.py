@@ -131,3 +131,23 @@ def test_image_settings_validate_and_init_becomes_absolute(tmp_path):
     assert resolved.model.image.init == str(tmp_path / "weights" / "vit.safetensors")
     assert resolved.model.image.lock and resolved.model.preset == cfg.model.preset
     assert load_experiment().model.image.init is None  # the default: a random tower, trained
+
+
+def test_every_shipped_experiment_validates_and_basic_stage_2_names_stage_1():
+    """experiments/*.yaml all load; each BASIC stage-2 config starts its image tower from the folder its
+    stage-1 config writes (<run.storage>/<name>), and the two stages build the same image tower."""
+    from pathlib import Path
+
+    from scalelab.config import load_experiment
+    from scalelab.models import get_spec
+
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    configs = {p.stem: load_experiment(p, []) for p in sorted(root.glob("*.yaml"))}
+    assert {"demo", "demo-classify", "smoke"} <= set(configs)
+    for size in ("s", "m", "l"):
+        stage1, stage2 = configs[f"basic-{size}-stage1"], configs[f"basic-{size}"]
+        assert (stage1.task, stage2.task) == ("classify", "contrastive")
+        assert stage2.model.image.init == str(Path(stage1.run.storage) / stage1.name)
+        assert stage2.model.image.lock
+        one, two = (get_spec(c.model.preset, **c.model.overrides).image for c in (stage1, stage2))
+        assert one == two and stage1.data.image_size == stage2.data.image_size
