@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "platform" / "scalelab"
 # and any unit in a lower row; never a unit in its own row (siblings stay independent) or a higher one.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("__init__",),                     # the package root: __version__ only
-    ("config", "scaling", "console"),  # leaves: typed configs; fits and plots; the terminal (rich only)
+    ("config", "scaling", "console", "storage"),  # leaves: configs; fits, plots; the terminal; storage I/O
     ("models", "data", "losses"),      # single-device modules; shards and pipeline; pure loss functions
     ("eval", "gradcache", "tracking"),
     ("train",),

@@ -88,10 +88,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_experiment(args.file, args.set)
     from scalelab.console import LiveView, RunTable, session
     from scalelab.train.launch import RunFailed, launch, preflight, release_ray  # deferred: imports ray
-    from scalelab.train.resume import run_dir
-
     cfg = preflight(cfg, args.ray)  # a refused config leaves nothing behind, not even the run's log file
-    log = run_dir(cfg) / "console.log"
+    log = _console_log(cfg)
     with session(log, verbose=args.verbose) as console:
         if not args.verbose:
             console.say(f"[{cfg.name}] Ray, DeepSpeed and the workers' own output: {log}")
@@ -118,6 +116,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
         _print_metrics(result.final_metrics, console.say)
         console.say(f"MLflow run {result.mlflow_run_id}: mlflow ui --backend-store-uri {result.tracking_uri}")
     return 0
+
+
+LOCAL_LOGS = "scalelab-logs"  # under the current directory: console logs of runs on a storage URI
+
+
+def _console_log(cfg: Any) -> Path:
+    """`<storage>/<name>/console.log`; for a storage URI a local file, `./scalelab-logs/<name>/
+    console.log`, since the log is appended line by line and an object store only takes whole files."""
+    from scalelab import storage
+    from scalelab.train.resume import run_dir
+
+    if storage.is_uri(cfg.run.storage):
+        return Path.cwd() / LOCAL_LOGS / cfg.name / "console.log"
+    return run_dir(cfg) / "console.log"
 
 
 def _headline_metric(cfg: Any) -> str:
@@ -150,12 +162,14 @@ def _not_found(err: object) -> int:
     return 2
 
 
-def _checkpoint_folder(path: str) -> Path:
-    """A checkpoint folder as given, or the latest checkpoint of a run folder (`<storage>/<name>`)."""
+def _checkpoint_folder(path: str) -> Any:
+    """A checkpoint folder as given, or the latest checkpoint of a run folder (`<storage>/<name>`);
+    either may be on a storage URI (`s3://…`)."""
+    from scalelab import storage
     from scalelab.train.checkpoint import META_NAME, latest_checkpoint
 
-    folder = Path(path)
-    if not (folder / META_NAME).is_file():
+    folder = path if storage.is_uri(path) else Path(path)
+    if not storage.is_file(storage.join(folder, META_NAME)):
         latest = latest_checkpoint(folder)
         if latest is not None:
             return latest
@@ -271,11 +285,13 @@ def _parser() -> argparse.ArgumentParser:
                         "cluster running on this machine, else a new local instance")
     t.add_argument("--verbose", action="store_true",
                    help="show Ray's, DeepSpeed's and the workers' raw output here instead of the live view "
-                        "(otherwise it goes to <storage>/<name>/console.log)")
+                        "(otherwise it goes to <storage>/<name>/console.log; ./scalelab-logs/<name>/ "
+                        "for a storage URI)")
     t.set_defaults(func=_cmd_train)
 
     x = sub.add_parser("export", help="write a training checkpoint as a plain fp32 model directory")
-    x.add_argument("checkpoint", help="checkpoint folder <storage>/<name>/step_* (or the run folder: latest)")
+    x.add_argument("checkpoint", help="checkpoint folder <storage>/<name>/step_* (or the run "
+                   "folder: latest); local or on a storage URI (s3://...)")
     x.add_argument("out", help="output directory (model.pt, config.json, tokenizer.json)")
     x.set_defaults(func=_cmd_export)
 

@@ -22,6 +22,9 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
+from scalelab import storage
+from scalelab.config import ConfigError
+
 RUN_KEY_TAG = "scalelab.run_key"
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests children under it
 # MLflow's limits (mlflow/utils/validation.py); exceeding them fails the whole batch.
@@ -49,14 +52,31 @@ _SECRET_WORDS = ("password", "passwd", "secret", "api_key", "apikey", "access_ke
 
 
 def default_tracking_uri(storage_root: str | Path) -> str:
-    """`sqlite:///<abs storage_root>/mlflow.db`: the store sits beside the checkpoints: resume = re-run."""
+    """`sqlite:///<abs storage_root>/mlflow.db`: the store sits beside the checkpoints: resume = re-run.
+
+    A storage URI (`s3://…`) has no default: a sqlite database needs a POSIX file (locks, in-place
+    writes) that an object store is not, so the store must be named (`store_required`)."""
+    if storage.is_uri(storage_root):
+        raise ConfigError(store_required(str(storage_root)))
     root = Path(storage_root).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+def store_required(storage_root: str) -> str:
+    """The message for a storage URI without an MLflow tracking URI."""
+    return (
+        f"run.storage is {storage.describe(storage_root)}: the MLflow tracking store cannot live there "
+        "(sqlite needs a local file). Name it with run.tracking_uri (sweep: tracking_uri) or "
+        "MLFLOW_TRACKING_URI: the head's server on a cluster (http://<head>:5000), or a local "
+        "sqlite:////abs/path/mlflow.db on one machine. Artifacts still go to <storage>/mlartifacts "
+        "when the store is sqlite."
+    )
+
+
 def resolve_tracking_uri(explicit: str | None, storage_root: str | Path) -> str:
-    """Explicit URI, else env `MLFLOW_TRACKING_URI` (on clusters: the head's server), else the default."""
+    """Explicit URI, else env `MLFLOW_TRACKING_URI` (on clusters: the head's server), else the default
+    (none for a storage URI: ConfigError)."""
     if explicit:
         return explicit
     from_env = os.environ.get("MLFLOW_TRACKING_URI")
@@ -67,9 +87,15 @@ def resolve_tracking_uri(explicit: str | None, storage_root: str | Path) -> str:
 
 def default_artifact_root(tracking_uri: str, storage_root: str | Path) -> str | None:
     """`<storage_root>/mlartifacts` for a local sqlite store; None for a server, whose own
-    `--default-artifact-root` (or artifact proxy) must decide, since workers may not share our disk."""
+    `--default-artifact-root` (or artifact proxy) must decide, since workers may not share our disk.
+
+    On a storage URI the artifacts go beside the checkpoints, `s3://bucket/…/mlartifacts`, through
+    MLflow's own artifact store for the scheme (S3: boto3, with `MLFLOW_S3_ENDPOINT_URL` or
+    `AWS_ENDPOINT_URL` for a custom endpoint; the URI's query is not passed to MLflow)."""
     if not tracking_uri.startswith("sqlite:"):
         return None
+    if storage.is_uri(storage_root):
+        return storage.artifact_uri(storage.join(str(storage_root), "mlartifacts"))
     root = Path(storage_root).expanduser().resolve() / "mlartifacts"
     root.mkdir(parents=True, exist_ok=True)
     return str(root)

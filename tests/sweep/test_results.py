@@ -25,3 +25,33 @@ def test_spent_and_planned_compute_per_trial():
 def test_a_sweep_json_without_steps_has_no_planned_figure():
     planned = [{"name": "a", "batch": 8}]
     assert compute_accounts(_state(planned), [_result("a", 8, 40, 3)]) == [(4.0 * 3 * 40, None)]
+
+
+def test_sweep_state_on_s3_is_written_read_and_shown_by_status(tmp_path, capsys):
+    """sweep.json in a bucket (moto's S3 server on 127.0.0.1): `write_state` / `read_state` round-trip,
+    and `scalelab sweep NAME --status --storage s3://…` finds it; the trials' storage sits under it."""
+    from conftest import REPO
+    from s3_server import s3_server
+    from scalelab import storage
+    from scalelab.cli import main
+    from scalelab.sweep.config import load_sweep
+    from scalelab.sweep.results import read_state, state_path, write_state
+    from scalelab.sweep.runner import sweep_dir
+    from scalelab.tracking import get_or_create_experiment
+
+    with s3_server() as s3:
+        root = s3.uri("sweeps") + "?scheme=http"  # a query stays at the end of every path built
+        sweep = load_sweep(REPO / "sweeps" / "smoke.yaml", [f"storage={root}", "name=grid"])[0]
+        folder = sweep_dir(sweep)
+        assert folder == s3.uri("sweeps/grid") + "?scheme=http"
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        experiment = get_or_create_experiment("scalelab", uri)
+        planned = [{"name": "t0", "data": 256, "model": "nano", "batch": 32, "steps": 4,
+                    "macs_per_sample": 8}]
+        state = SweepState("grid", uri, experiment, "parent", "m", None, None, planned)
+        write_state(folder, state)
+        assert "sweeps/grid/sweep.json" in s3.keys("sweeps/")
+        assert storage.is_file(state_path(folder)) and read_state(folder) == state
+        assert main(["sweep", "grid", "--status", "--storage", root]) == 0
+        shown = capsys.readouterr().out
+        assert "sweep grid" in shown and "t0" in shown and "PENDING" in shown

@@ -59,7 +59,10 @@ def _status(args: argparse.Namespace) -> int:
 
         folder = sweep_dir(resolve_root(load_sweep(target, args.set)[0]))
     else:
-        folder = Path(args.storage).resolve() / args.target
+        from scalelab import storage
+
+        folder = (storage.join(args.storage, args.target) if storage.is_uri(args.storage)
+                  else Path(args.storage).resolve() / args.target)
     try:
         state = read_state(folder)
     except FileNotFoundError as err:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from scalelab import storage
 from scalelab.config import (
     ConfigError,
     ExperimentConfig,
@@ -239,7 +240,7 @@ def _trial_experiment(sweep: SweepConfig, base: dict[str, Any], name: str, d: in
         "train": {"global_batch": b, "steps": steps, "micro_batch_size": micro,
                   "text_micro_batch_size": None, "num_workers": r.workers_per_trial,
                   "cpus_per_worker": r.cpus_per_worker, "use_gpu": r.use_gpu},
-        "run": {"storage": str(Path(sweep.storage) / sweep.name / "trials"),
+        "run": {"storage": str(storage.join(sweep.storage, sweep.name, "trials")),
                 "tracking_uri": sweep.tracking_uri, "mlflow_experiment": sweep.mlflow_experiment},
     }
     merged = deep_merge(base, point)

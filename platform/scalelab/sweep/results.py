@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
+from scalelab import storage
 from scalelab.scaling import TrialResult
+from scalelab.storage import Location
 from scalelab.train.compute import executed_macs
 
 __all__ = ["SweepState", "collect_results", "compute_accounts", "read_state", "state_path", "write_state"]
@@ -41,25 +42,24 @@ class SweepState:
     holdout: int | float | None = None  # which trials the fits' held-out check leaves out (SweepConfig)
 
 
-def state_path(sweep_dir: str | Path) -> Path:
-    return Path(sweep_dir) / STATE_NAME
+def state_path(sweep_dir: Location) -> Location:
+    """`<sweep_dir>/sweep.json`: a Path, or a URI when the storage is one (`storage.py`)."""
+    return storage.join(sweep_dir, STATE_NAME)
 
 
-def write_state(sweep_dir: str | Path, state: SweepState) -> None:
+def write_state(sweep_dir: Location, state: SweepState) -> None:
+    # written whole: a killed driver never leaves half a state file
+    storage.write_text(state_path(sweep_dir), json.dumps(asdict(state), indent=1))
+
+
+def read_state(sweep_dir: Location) -> SweepState:
     path = state_path(sweep_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(state), indent=1))
-    tmp.replace(path)  # atomic: a killed driver never leaves half a state file
-
-
-def read_state(sweep_dir: str | Path) -> SweepState:
-    path = state_path(sweep_dir)
-    if not path.is_file():
+    if not storage.is_file(path):
         raise FileNotFoundError(
-            f"{sweep_dir} is not a sweep folder (no {STATE_NAME}); run `scalelab sweep` first"
+            f"{storage.describe(sweep_dir)} is not a sweep folder (no {STATE_NAME}); "
+            "run `scalelab sweep` first"
         )
-    return SweepState(**json.loads(path.read_text()))
+    return SweepState(**json.loads(storage.read_text(path)))
 
 
 def collect_results(state: SweepState) -> list[TrialResult]:

@@ -21,7 +21,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from scalelab import storage
 from scalelab.config import ConfigError, resolve_paths
+from scalelab.storage import Location
 from scalelab.sweep.analysis import analyse, log_analysis, summary_lines
 from scalelab.sweep.config import SweepConfig, Trial, expand
 from scalelab.sweep.results import SweepState, collect_results, read_state, state_path, write_state
@@ -35,8 +37,17 @@ LOG_NAME = "console.log"  # under <storage>/<sweep>: what Ray, DeepSpeed and the
 TRIAL_CPUS = 0.01  # what a Tune trial's own function reserves (it only waits on its TorchTrainer)
 
 
-def sweep_dir(sweep: SweepConfig) -> Path:
-    return Path(sweep.storage) / sweep.name
+def sweep_dir(sweep: SweepConfig) -> Location:
+    """`<storage>/<sweep>`: a Path, or a URI when the storage is one (`storage.py`)."""
+    return storage.join(sweep.storage, sweep.name)
+
+
+def console_log(sweep: SweepConfig) -> Path:
+    """`<storage>/<sweep>/console.log`; for a storage URI a local `./scalelab-logs/<sweep>/console.log`
+    (the log is appended line by line; an object store only takes whole files)."""
+    if storage.is_uri(sweep.storage):
+        return Path.cwd() / "scalelab-logs" / sweep.name / LOG_NAME
+    return Path(sweep_dir(sweep)) / LOG_NAME
 
 
 def resolve_root(sweep: SweepConfig) -> SweepConfig:
@@ -101,12 +112,12 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, ray_address: str | No
     sweep = sweep.model_copy(update={"tracking_uri": uri})
     trials = plan(sweep, base)
     _check_local_resources(trials, ray_address)
-    log = sweep_dir(sweep) / LOG_NAME
+    log = console_log(sweep)
     with session(log, verbose=verbose) as console:
         say = console.say
         state = _parent_run(sweep, trials)
         say(f"[{sweep.name}] {len(trials)} trials; MLflow parent run {state.parent_run_id}; "
-            f"state in {sweep_dir(sweep)}")
+            f"state in {storage.describe(sweep_dir(sweep))}")
         if not verbose:
             say(f"[{sweep.name}] Ray, DeepSpeed and the workers' own output: {log}")
 
@@ -159,13 +170,13 @@ def _parent_run(sweep: SweepConfig, trials: list[Trial]) -> SweepState:
     uri = sweep.tracking_uri
     artifacts = default_artifact_root(uri, sweep.storage)
     experiment = get_or_create_experiment(sweep.mlflow_experiment, uri, artifacts)
-    previous = read_state(sweep_dir(sweep)) if state_path(sweep_dir(sweep)).is_file() else None
+    previous = read_state(sweep_dir(sweep)) if storage.is_file(state_path(sweep_dir(sweep))) else None
     planned = [{"name": t.name, "data": t.data, "model": t.model, "batch": t.batch, "extra": t.extra,
                 "steps": t.experiment.train.steps, "macs_per_sample": t.macs_per_sample} for t in trials]
     if previous is not None and [p["name"] for p in previous.trials] != [p["name"] for p in planned]:
         raise ConfigError(
-            f"sweep {sweep.name!r} at {sweep_dir(sweep)} was started with another grid; a resumed sweep "
-            "cannot change its search space — choose a new sweep name"
+            f"sweep {sweep.name!r} at {storage.describe(sweep_dir(sweep))} was started with another grid; "
+            "a resumed sweep cannot change its search space — choose a new sweep name"
         )
     handle = start_or_resume_run(uri, experiment, run_name=sweep.name, resume_tag=(PARENT_TAG, sweep.name),
                                  tags={**code_version(), "sweep": sweep.name, "scalelab.role": "sweep"})
@@ -194,7 +205,7 @@ def _tune(sweep: SweepConfig, trials: list[Trial], state: SweepState, console: A
     from scalelab.sweep.live import LiveTrials, Refit
     from scalelab.sweep.trial import run_trial
 
-    path = sweep_dir(sweep) / "tune"
+    path = storage.join(sweep_dir(sweep), "tune")
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, experiments={t.name: t.experiment.to_dict() for t in trials},
                              axes={t.name: (t.data, t.model, t.batch) for t in trials},
@@ -214,7 +225,7 @@ def _tune(sweep: SweepConfig, trials: list[Trial], state: SweepState, console: A
             live.close()
 
 
-def _fit_tuner(sweep: SweepConfig, trials: list[Trial], path: Path, trainable: Any, callbacks: list[Any],
+def _fit_tuner(sweep: SweepConfig, trials: list[Trial], path: Location, trainable: Any, callbacks: list[Any],
                say: Any) -> Any:
     from ray import tune
 

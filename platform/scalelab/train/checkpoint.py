@@ -2,7 +2,7 @@
 
 One checkpoint is one folder (Ray Train merges every rank's files into it on storage):
 
-    <run.storage>/<name>/step_00000120/
+    <run.storage>/<name>/step_00000120/       (run.storage: a local folder or a URI, see storage.py)
         scalelab.json         RunState: step, samples_seen, world size, MLflow run id, config, final eval
         rank_<r>.pt           RankState of rank r: epoch, position in the epoch, skipped counts, RNG
         deepspeed/state/...   engine.save_checkpoint: module, optimizer (ZeRO partitions per rank)
@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from scalelab import storage
+from scalelab.storage import Location
 
 __all__ = [
     "DS_SUBDIR",
@@ -120,41 +123,50 @@ def load_checkpoint(
     return run, RankState(**raw)
 
 
-def read_run_state(directory: str | Path) -> RunState:
-    """The RunState of a checkpoint folder; a clear error when it is not a scalelab checkpoint."""
-    meta = Path(directory) / META_NAME
-    if not meta.is_file():
-        raise FileNotFoundError(f"{directory} is not a scalelab checkpoint (no {META_NAME})")
-    data = json.loads(meta.read_text())
+def read_run_state(directory: Location) -> RunState:
+    """The RunState of a checkpoint folder (local or on a storage URI); a clear error when it is not
+    a scalelab checkpoint."""
+    meta = storage.join(directory, META_NAME)
+    if not storage.is_file(meta):
+        raise FileNotFoundError(
+            f"{storage.describe(directory)} is not a scalelab checkpoint (no {META_NAME})")
+    data = json.loads(storage.read_text(meta))
     if data.get("format") != FORMAT:
-        raise ValueError(f"{meta}: checkpoint format {data.get('format')!r}, this scalelab reads {FORMAT}")
+        raise ValueError(f"{storage.describe(meta)}: checkpoint format {data.get('format')!r}, "
+                         f"this scalelab reads {FORMAT}")
     return RunState(**data)
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint folder of a run (by step), or None."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _NAME.match(p.name)) and _complete(p)]
-    return max(found)[1] if found else None
+def latest_checkpoint(run_dir: Location) -> Location | None:
+    """The newest complete checkpoint folder of a run (by step), or None; a Path for a local run
+    folder, a URI for one on a storage URI (`storage.py`)."""
+    found = sorted(((int(m.group(1)), entry) for entry in storage.list_dir(run_dir)
+                    if (m := _NAME.match(entry))), reverse=True)
+    for _, entry in found:  # newest first: usually the first one is complete
+        if _complete(storage.join(run_dir, entry)):
+            return storage.join(run_dir, entry)
+    return None
 
 
-def _complete(directory: Path) -> bool:
+def _complete(directory: Location) -> bool:
     """Every rank's share arrived: the metadata, each rank's state file and DeepSpeed's `latest` tag
-    (a driver killed while Ray was copying the ranks' files leaves an incomplete folder)."""
+    (a driver killed while Ray was copying the ranks' files leaves an incomplete folder). One listing
+    of the folder answers it, on an object store too."""
+    files = storage.list_files(directory)
+    if META_NAME not in files or f"{DS_SUBDIR}/latest" not in files:
+        return False
     try:
         world = read_run_state(directory).world_size
     except (FileNotFoundError, ValueError, TypeError):
         return False
-    ranks = all((directory / f"rank_{r}.pt").is_file() for r in range(world))
-    return ranks and (directory / DS_SUBDIR / "latest").is_file()
+    return all(f"rank_{r}.pt" in files for r in range(world))
 
 
-def world_size_error(directory: Path, saved: int, now: int) -> str:
+def world_size_error(directory: Location, saved: int, now: int) -> str:
     """The message for a resume on a different number of workers (driver and worker share it)."""
     return (
-        f"checkpoint {directory} was written by {saved} workers but this run has train.num_workers={now}: "
+        f"checkpoint {storage.describe(directory)} was written by {saved} workers but this run has "
+        f"train.num_workers={now}: "
         f"ZeRO partitions the optimizer state by worker count. Resume with train.num_workers={saved}, "
         "or start a new run under another name (optionally from `scalelab export`ed weights)."
     )

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from scalelab import storage
 from scalelab.config import ExperimentConfig, validate
 from scalelab.train.checkpoint import DS_SUBDIR, DS_TAG, RunState, read_run_state
 
@@ -76,6 +77,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     from scalelab.data.tokenizer import tokenizer_path
     from scalelab.models import get_spec
 
+    if storage.is_uri(checkpoint):  # on a storage URI (s3://...): export a downloaded copy
+        with storage.local_copy(checkpoint, prefix="scalelab-export-") as local:
+            return _with_source(export_checkpoint(local, out), storage.describe(checkpoint))
     checkpoint, out = Path(checkpoint), Path(out)
     weights = read_checkpoint_weights(checkpoint)
     cfg, run = weights.config, weights.run
@@ -214,4 +218,11 @@ def _in_model_shapes(raw: dict[str, Any], model: nn.Module) -> dict[str, torch.T
         if torch.is_floating_point(value):
             value = value.float()
         out[name] = value.clone().contiguous()  # own storage: no views into DeepSpeed's flat buffers
+    return out
+
+
+def _with_source(out: Path, source: str) -> Path:
+    """`config.json`'s `source` set to the checkpoint on storage (not the temporary copy exported)."""
+    meta = json.loads((out / CONFIG_NAME).read_text())
+    (out / CONFIG_NAME).write_text(json.dumps({**meta, "source": source}, indent=1, sort_keys=True))
     return out

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
+
+from scalelab import storage
+from scalelab.storage import Location
 
 __all__ = ["FAILURE_FILE", "Failure", "RunFailed", "RunStopped", "clear_failure", "read_failure",
            "write_failure"]
@@ -47,20 +49,16 @@ class Failure:
     step: int
 
 
-def write_failure(run_dir: str | Path, failure: Failure) -> None:
-    path = Path(run_dir) / FAILURE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(failure)))
-    tmp.replace(path)  # atomic: the driver never reads half a file
+def write_failure(run_dir: Location, failure: Failure) -> None:
+    storage.write_text(storage.join(run_dir, FAILURE_FILE), json.dumps(asdict(failure)))  # written whole
 
 
-def read_failure(run_dir: str | Path) -> Failure | None:
-    path = Path(run_dir) / FAILURE_FILE
-    if not path.is_file():
+def read_failure(run_dir: Location) -> Failure | None:
+    path = storage.join(run_dir, FAILURE_FILE)
+    if not storage.is_file(path):
         return None
-    return Failure(**json.loads(path.read_text()))
+    return Failure(**json.loads(storage.read_text(path)))
 
 
-def clear_failure(run_dir: str | Path) -> None:
-    (Path(run_dir) / FAILURE_FILE).unlink(missing_ok=True)
+def clear_failure(run_dir: Location) -> None:
+    storage.delete(storage.join(run_dir, FAILURE_FILE))

@@ -7,8 +7,10 @@ command or a resumed sweep trial all log into the same run; workers get its id, 
 from (`resume.decide_resume`, decided once) and the MACs per sample in their `WorkerPlan`.
 
 Everything persistent sits under `run.storage`: `<name>/step_*` checkpoints (Ray Train's storage),
-`mlflow.db` and `mlartifacts/` (the default local MLflow store). Running the same command again finds
-the checkpoints (Ray restores its checkpoint bookkeeping from `<storage>/<name>`) and continues.
+`mlflow.db` and `mlartifacts/` (the default local MLflow store). A storage URI (`s3://…`) holds the
+checkpoints and `mlartifacts/`; the MLflow store is then named by the user (`tracking.store_required`).
+Running the same command again finds the checkpoints (Ray restores its checkpoint bookkeeping from
+`<storage>/<name>`) and continues.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from scalelab import console
+from scalelab import console, storage
 from scalelab.config import ExperimentConfig, flatten, resolve_paths
+from scalelab.storage import Location
 from scalelab.train.checkpoint import RunState, latest_checkpoint, read_run_state
 from scalelab.train.failures import RunFailed, clear_failure, read_failure
 from scalelab.train.faults import FAULT_ENV
@@ -37,7 +39,11 @@ from scalelab.train.timeline import TIMELINE_ENV, mark
 
 __all__ = ["RunFailed", "TrainResult", "ensure_ray", "launch", "preflight", "release_ray", "worker_env"]
 
-_PASSTHROUGH_ENV = (*FAULT_ENV, TIMELINE_ENV, "HF_HUB_OFFLINE", "MLFLOW_DISABLE_TELEMETRY")
+# The storage endpoint (an S3-protocol server of one's own) travels with the workers; keys never do:
+# they would show in Ray's runtime env, and workers take them from their own environment or role.
+_ENDPOINT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_S3_ENDPOINT_URL", "AWS_REGION",
+                 "AWS_DEFAULT_REGION")
+_PASSTHROUGH_ENV = (*FAULT_ENV, TIMELINE_ENV, "HF_HUB_OFFLINE", "MLFLOW_DISABLE_TELEMETRY", *_ENDPOINT_ENV)
 # Never logged as params: a tracking URI may carry a password (postgresql://user:pw@host/db).
 _UNLOGGED_PARAMS = ("run.tracking_uri",)
 _POLL_ENV, _POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"
@@ -48,7 +54,7 @@ class TrainResult:
     """What a finished `launch` leaves: where the run is, and its final numbers."""
 
     name: str
-    run_dir: Path
+    run_dir: Location  # a Path, or a URI on a storage URI
     mlflow_run_id: str
     tracking_uri: str
     step: int
@@ -117,7 +123,8 @@ def launch(cfg: ExperimentConfig, *, parent_run_id: str | None = None, tags: dic
     handle.finish("FINISHED")
     final = read_run_state(latest_checkpoint(run_dir(cfg)))
     result = _result(cfg, handle.run_id, uri, final, previous.step if previous else None)
-    say(f"[{cfg.name}] done: {final.step} steps, {final.samples_seen} samples; in {result.run_dir}")
+    say(f"[{cfg.name}] done: {final.step} steps, {final.samples_seen} samples; "
+        f"in {storage.describe(result.run_dir)}")
     mark("launch_returned")
     return result
 

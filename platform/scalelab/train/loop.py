@@ -22,6 +22,7 @@ from typing import Any
 import ray.train
 import torch
 
+from scalelab import storage
 from scalelab.train.checkpoint import RankState, RunState, read_run_state
 from scalelab.train.compute import executed_macs, training_macs
 from scalelab.train.evaluator import Evaluator
@@ -135,7 +136,16 @@ def starting_checkpoint(recorded: Any, chosen: str | None) -> Any:
         with recorded.as_directory() as directory:
             if read_run_state(directory).step >= read_run_state(chosen).step:
                 return recorded
-    return ray.train.Checkpoint.from_directory(chosen)
+    return _ray_checkpoint(chosen)
+
+
+def _ray_checkpoint(location: str) -> Any:
+    """A Ray checkpoint of a folder on storage: on a URI it names the folder on its filesystem, and
+    `as_directory()` downloads it for loading (as Ray does with the checkpoints it records)."""
+    if not storage.is_uri(location):
+        return ray.train.Checkpoint.from_directory(location)
+    filesystem, path = storage.resolve(location)
+    return ray.train.Checkpoint(path, filesystem=filesystem)
 
 
 def _observe(guard: NonFiniteGuard, metrics: dict[str, Any], step: int) -> NonFiniteRunError | None:

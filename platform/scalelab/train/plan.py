@@ -9,10 +9,11 @@ independent of class versions). The worker's first line is `WorkerPlan.from_dict
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from scalelab import storage
 from scalelab.config import ExperimentConfig, validate
+from scalelab.storage import Location
 
 __all__ = ["PROGRESS_KEY", "WorkerPlan"]
 
@@ -31,9 +32,9 @@ class WorkerPlan:
     resume_from: str | None = None  # the checkpoint the driver chose (None: a fresh start)
 
     @property
-    def run_dir(self) -> Path:
+    def run_dir(self) -> Location:
         """`<run.storage>/<name>`: checkpoints and `failure.json` (every node sees the storage root)."""
-        return Path(self.experiment.run.storage) / self.experiment.name
+        return storage.join(self.experiment.run.storage, self.experiment.name)
 
     @property
     def steps(self) -> int:

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from scalelab import storage
 from scalelab.config import ConfigError, ExperimentConfig
 from scalelab.train.checkpoint import RunState
 from scalelab.train.ds_config import batch_geometry, deepspeed_config
@@ -178,6 +179,9 @@ def _check_image_folder(root: Path, shared_templates: str | None) -> None:
 
 def _check_storage(cfg: ExperimentConfig) -> None:
     """The storage root must take files: checkpoints and the MLflow store go there."""
+    if storage.is_uri(cfg.run.storage):
+        _check_storage_uri(cfg)
+        return
     root = Path(cfg.run.storage)
     existing = next(p for p in (root, *root.parents) if p.exists())  # nothing is created by a check
     try:
@@ -188,6 +192,23 @@ def _check_storage(cfg: ExperimentConfig) -> None:
     except OSError as err:
         raise ConfigError(f"run.storage: {root} is not writable ({err.strerror or err}); "
                           "choose another storage root") from None
+
+
+def _check_storage_uri(cfg: ExperimentConfig) -> None:
+    """A storage URI: the MLflow store named elsewhere (it cannot live on an object store), and the
+    filesystem reachable and writable with the credentials of this environment (a marker written and
+    removed, as Ray Train does when it starts)."""
+    from scalelab.tracking import resolve_tracking_uri
+
+    resolve_tracking_uri(cfg.run.tracking_uri, cfg.run.storage)  # ConfigError without one
+    marker = storage.join(cfg.run.storage, ".scalelab-write-test")
+    try:
+        storage.write_text(marker, "")
+        storage.delete(marker)
+    except (OSError, ValueError) as err:  # pyarrow: OSError for access/network, ValueError for the URI
+        raise ConfigError(f"run.storage: {storage.describe(cfg.run.storage)} cannot be written ({err}); "
+                          "check the URI, the credentials in the environment (AWS_ACCESS_KEY_ID, ...) "
+                          "and the endpoint (AWS_ENDPOINT_URL or ?endpoint_override=)") from None
 
 
 # --------------------------------------------------------------------------- resources

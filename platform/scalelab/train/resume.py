@@ -11,10 +11,11 @@ than the driver's choice by construction (`loop.starting_checkpoint`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
+from scalelab import storage
 from scalelab.config import ConfigError, ExperimentConfig, flatten, validate
+from scalelab.storage import Location
 from scalelab.train.checkpoint import RunState, latest_checkpoint, read_run_state, world_size_error
 
 __all__ = ["RESUMABLE_CHANGES", "Resume", "decide_resume", "run_dir"]
@@ -27,9 +28,10 @@ RESUMABLE_CHANGES = ("name", "run.", "eval.", "classify.eval_sets", "train.steps
                      "data.decode_tasks", "data.decode_cpus", "data.cache")
 
 
-def run_dir(cfg: ExperimentConfig) -> Path:
-    """Where Ray Train keeps this run's checkpoints: `<run.storage>/<name>`."""
-    return Path(cfg.run.storage) / cfg.name
+def run_dir(cfg: ExperimentConfig) -> Location:
+    """Where Ray Train keeps this run's checkpoints: `<run.storage>/<name>` (a Path, or a URI when the
+    storage is one: `storage.py`)."""
+    return storage.join(cfg.run.storage, cfg.name)
 
 
 @dataclass(frozen=True)
@@ -37,14 +39,14 @@ class Resume:
     """The decision: `fresh` (no checkpoint), `resume` from `checkpoint`, or `finished` (nothing to do)."""
 
     kind: Literal["fresh", "resume", "finished"]
-    checkpoint: Path | None = None
+    checkpoint: Location | None = None
     state: RunState | None = None
 
     def describe(self, steps: int) -> str:
         if self.kind == "fresh" or self.state is None:
             return "a new run"
         what = "finished" if self.kind == "finished" else "interrupted"
-        return f"the {what} run at step {self.state.step}/{steps} from {self.checkpoint}"
+        return f"the {what} run at step {self.state.step}/{steps} from {storage.describe(self.checkpoint)}"
 
 
 def decide_resume(cfg: ExperimentConfig) -> Resume:
@@ -65,8 +67,8 @@ def decide_resume(cfg: ExperimentConfig) -> Resume:
     if changed:
         diffs = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
         raise ConfigError(
-            f"run {cfg.name!r} exists at {latest.parent} with a different config ({diffs}). Resuming would "
-            "mix two experiments: choose another name, or restore the old values."
+            f"run {cfg.name!r} exists at {storage.describe(run_dir(cfg))} with a different config "
+            f"({diffs}). Resuming would mix two experiments: choose another name, or restore the old values."
         )
     return Resume("finished" if state.step >= cfg.train.steps else "resume", latest, state)
 
