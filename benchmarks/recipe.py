@@ -1,7 +1,7 @@
 """BASIC's two-stage recipe on the synthetic world: does a label-pretrained image tower help?
 
-    python benchmarks/recipe.py                  # stage 1 (300 steps) + the three stage-2 recipes (600 steps)
-    python benchmarks/recipe.py --stage2-steps 300 --stage1-steps 150    # shorter
+    python benchmarks/recipe.py                    # stage 1 (2000 steps) + three stage-2 recipes (600)
+    python benchmarks/recipe.py --stage1-steps 300 # a weakly pretrained tower
 
 What is run, all through the public CLI on the easy synthetic world (runs/data/demo-easy, generated with
 its labelled set when missing; the labelled set is written into it when only that is missing):
@@ -63,7 +63,7 @@ def _metric(uri: str, run_name: str, key: str) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--stage1-steps", type=int, default=300)
+    parser.add_argument("--stage1-steps", type=int, default=2000)
     parser.add_argument("--stage2-steps", type=int, default=600)
     args = parser.parse_args()
     started = time.monotonic()
