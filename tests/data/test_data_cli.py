@@ -87,7 +87,7 @@ def test_user_errors_exit_2_with_a_message(tmp_path, capsys):
     assert "dataset-fashion-mnist" in capsys.readouterr().err
     (tmp_path / "folder" / "a").mkdir(parents=True)
     assert _run("from-labels", str(tmp_path / "folder"), str(tmp_path / "out")) == 2
-    assert "--templates" in capsys.readouterr().err
+    assert "no images" in capsys.readouterr().err
     assert _run("validate", str(tmp_path / "missing")) == 2
 
 
@@ -101,3 +101,24 @@ def test_fashion_mnist_export_with_limit(tmp_path):
 def test_data_needs_a_subcommand():
     with pytest.raises(SystemExit):
         _run()
+
+
+def test_from_labels_without_templates_uses_clips_default_prompt_and_keeps_the_labels(tmp_path, capsys):
+    """An ImageFolder tree with no templates.txt (e.g. for `task: classify`, which reads only the labels)."""
+    from scalelab.data.shards import iter_shard
+
+    assert _run("export-digits", str(tmp_path / "digits")) == 0
+    for png in sorted((tmp_path / "digits").glob("*/*.png"))[::10]:
+        png.unlink()
+    (tmp_path / "digits" / "templates.txt").unlink(missing_ok=True)
+    assert _run("from-labels", str(tmp_path / "digits"), str(tmp_path / "pairs")) == 0
+    assert "every caption is 'a photo of a {}.'" in capsys.readouterr().out
+    manifest = Manifest.load(tmp_path / "pairs")
+    samples = list(iter_shard(tmp_path / "pairs" / manifest.shards[0].path))
+    folders = sorted(p.name for p in (tmp_path / "digits").iterdir() if p.is_dir())
+    for sample in samples[:20]:
+        label = sample.meta["label"]
+        assert sample.caption == f"a photo of a {manifest.extra['classnames'][label]}."
+        assert 0 <= label < len(folders)
+    assert _run("from-labels", str(tmp_path / "digits"), str(tmp_path / "other"), "--templates",
+                str(tmp_path / "nope.txt")) == 2

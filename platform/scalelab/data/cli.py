@@ -18,6 +18,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 __all__ = ["add_data_commands"]
 
@@ -64,12 +65,19 @@ def _cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_TEMPLATE = "a photo of a {}."  # CLIP's default prompt
+
+
 def _cmd_from_labels(args: argparse.Namespace) -> int:
     from scalelab.data.labels import TEMPLATES_FILE, from_labels
 
-    templates = args.templates or Path(args.folder) / TEMPLATES_FILE
-    if not Path(templates).is_file():
-        raise FileNotFoundError(f"no templates file {templates} (pass --templates FILE)")
+    templates: Any = args.templates or Path(args.folder) / TEMPLATES_FILE
+    if args.templates and not Path(templates).is_file():
+        raise FileNotFoundError(f"no templates file {templates}")
+    if not Path(templates).is_file():  # e.g. a tree for `task: classify`, which reads only the labels
+        templates = [DEFAULT_TEMPLATE]
+        print(f"no {TEMPLATES_FILE} in {args.folder}: every caption is {DEFAULT_TEMPLATE!r} (pass "
+              "--templates FILE for more; a classify run reads only the json labels)")
     manifest = from_labels(
         args.folder, args.out, templates=templates, seed=args.seed, samples_per_shard=args.samples_per_shard
     )
@@ -121,7 +129,8 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     f.add_argument("folder", help="one sub-folder per class; optional classnames.txt at the root")
     f.add_argument("out", help="output dataset directory (empty)")
     f.add_argument("--templates",
-                   help="templates file, one per line with {} or {c} (default FOLDER/templates.txt)")
+                   help="templates file, one per line with {} or {c} (default FOLDER/templates.txt, "
+                   "else 'a photo of a {}.')")
     f.add_argument("--seed", type=int, default=0, help="seed of the template choice and sample order")
     f.add_argument("--samples-per-shard", type=int, default=1000)
     f.set_defaults(func=_guarded(_cmd_from_labels))
