@@ -18,19 +18,11 @@ import time
 
 import torch
 
+from gradcache import _inputs  # benchmarks/gradcache.py: this script's folder is on sys.path
 from scalelab.gradcache import cached_step
 from scalelab.models import create_model, preset_stats
 
 DEMO_PRESETS = ("pico", "nano", "micro")  # the demo sweep's model axis (sweeps/demo.yaml)
-
-
-def _inputs(model, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    spec = model.config
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, 3, spec.image_size, spec.image_size, generator=g)
-    tokens = torch.randint(1, spec.vocab_size, (batch, spec.context_length), generator=g)
-    tokens[:, spec.context_length * 3 // 4 :] = 0
-    return images, tokens
 
 
 def _models(preset: str) -> dict[str, torch.nn.Module]:

@@ -30,6 +30,8 @@ import torch.multiprocessing as mp
 
 from scalelab.config import ExperimentConfig, validate
 
+from .compare import differences
+
 WORLD = 2
 GLOBAL_BATCH = 16  # 8 rows per rank: image micro-batches of 4 (2 calls), text of 8 (1 call)
 STEPS = 3
@@ -315,18 +317,6 @@ def _reference(image: dict, trunk: dict[str, torch.Tensor]) -> dict:
             "norms": norms}
 
 
-def _differences(got, want, path="") -> list[str]:
-    """Paths at which two nested dicts of tensors / numbers / None are not bit-identical."""
-    if isinstance(want, dict):
-        if set(got) != set(want):
-            return [f"{path}: keys {sorted(set(got) ^ set(want), key=str)}"]
-        return [d for k in want for d in _differences(got[k], want[k], f"{path}/{k}")]
-    if isinstance(want, torch.Tensor):
-        same = isinstance(got, torch.Tensor) and got.shape == want.shape and torch.equal(got, want)
-        return [] if same else [path]
-    return [] if got == want else [path]
-
-
 def _worst(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> tuple[str, float]:
     diffs = {n: (got[n].view_as(w) - w).abs().max().item() for n, w in want.items()}
     return max(diffs.items(), key=lambda kv: kv[1])
@@ -394,7 +384,7 @@ def test_a_run_resumed_across_the_unlock_equals_the_uninterrupted_one(stage, run
         resumed, straight = record[(stage, "resumed")], record[(stage, "unlock")]
         assert [m["train/loss"] for m in resumed["metrics"]] == \
             [m["train/loss"] for m in straight["metrics"][UNLOCK:]]
-        assert not _differences(resumed["final"], straight["final"]), f"ZeRO-{stage} rank {rank}"
+        assert not differences(resumed["final"], straight["final"]), f"ZeRO-{stage} rank {rank}"
 
 
 @pytest.mark.slow

@@ -27,6 +27,8 @@ import torch
 from scalelab.config import ExperimentConfig, validate
 from scalelab.train.step import NonFiniteGuard, NonFiniteRunError
 
+from .compare import differences
+
 WORLD = 2
 GLOBAL_BATCH = 8  # 4 rows per rank, micro-batches of 2: two backward calls per step
 STAGES = (0, 2)
@@ -210,18 +212,6 @@ def records(ray_cluster, tmp_path_factory) -> dict[int, list[dict]]:
     return {stage: [torch.load(f"{out}.rank{r}") for r in range(WORLD)] for stage, out in outs.items()}
 
 
-def _differences(got, want, path="") -> list[str]:
-    """Paths at which two nested dicts of tensors / numbers / None are not bit-identical."""
-    if isinstance(want, dict):
-        if set(got) != set(want):
-            return [f"{path}: keys {sorted(set(got) ^ set(want))}"]
-        return [d for k in want for d in _differences(got[k], want[k], f"{path}/{k}")]
-    if isinstance(want, torch.Tensor):
-        same = isinstance(got, torch.Tensor) and got.shape == want.shape and torch.equal(got, want)
-        return [] if same else [path]
-    return [] if got == want else [path]
-
-
 CASES = [(stage, rank) for stage in STAGES for rank in range(WORLD)]
 
 
@@ -239,8 +229,8 @@ def test_skipped_steps_change_nothing_on_any_rank(stage, rank, records):
     # the loss was finite, and equals the next step's on the same batch: the parameters did not move
     assert math.isfinite(metrics["inf"]["train/loss"])
     assert metrics["inf"]["train/loss"] == metrics["c"]["train/loss"]
-    assert not _differences(record["after_nan"], record["before"])
-    assert not _differences(record["after_inf"], record["before"])
+    assert not differences(record["after_nan"], record["before"])
+    assert not differences(record["after_inf"], record["before"])
     assert record["before"]["optimizer"], "the optimizer has state to compare (Adam moments, step)"
     if stage:
         assert all(m is not None for m in record["before"]["master"].values())  # ZeRO's fp32 copies
@@ -258,4 +248,4 @@ def test_training_continues_as_if_the_bad_batches_never_came(stage, rank, record
     before, after = record["before"]["module"], record["after"]["module"]
     still = [name for name, p in after.items() if torch.equal(p, before[name])]
     assert not still, f"parameters that did not train on the good step: {still}"
-    assert not _differences(record["after"], record["reference"])
+    assert not differences(record["after"], record["reference"])
