@@ -1,24 +1,40 @@
 #!/usr/bin/env bash
-# One-GPU check of the real thing: the vit-b16 preset, bf16, global batch 65536 through the gradient
-# cache (micro-batch 512) with the tiled loss (block 8192), one single-process DeepSpeed engine on CUDA,
-# random inputs already on the GPU (no data pipeline). 1 warm-up + 3 timed steps; prints samples/s,
-# model FLOP utilisation (MFU: 3 x forward MACs per sample, `scalelab.train.compute.training_macs`),
-# hardware FLOP utilisation (HFU: 4 x forward, what a cached step executes) and peak GPU memory.
+# The GPU paths checked in one script (benchmarks/gpu_check.py holds the checks): in bf16 on one CUDA
+# GPU, in order, each printing PASS/FAIL with its measured figure and tolerance (exit status 1 if any
+# fails; ~3-5 min on an H200, killed past GPU_CHECK_TIMEOUT):
+#   1. the cached step against a plain full-batch step: relative L2 error of the flattened gradient
+#      against a float64 reference of the same (bf16-rounded) model, at most 2x the plain bf16 step's
+#      own error (bf16 keeps 8 significant bits; scalelab/verify.py says why that bound means something);
+#   2. CUDA RNG replay with dropout: every replayed micro-batch equals its cached forward bit for bit;
+#   3. ZeRO-2 on one GPU: a single-process DeepSpeed engine (world size 1) in bf16 against ZeRO-0 in
+#      fp32, 3 steps: updates and gradient norms within 5%. Ray Train is not in it: the GPU machine has
+#      no Ray and no network, and Ray's wheel alone is over the 64 MiB a device call carries; the Ray
+#      Train path of the same engine (2 workers, ZeRO 0-3, exact against a full-batch step) is
+#      tests/train/test_engine.py's, on CPU;
+#   4. vit-b16 at global batch 65536 through the gradient cache (tiled loss, block 8192), the micro-batch
+#      sized from memory (scalelab/train/memory.py: a probe of 16 and 32 rows measured with
+#      torch.cuda.max_memory_allocated, the largest power of two that fits beside the 19.7 GB of resident
+#      inputs, model and optimizer state, 10% headroom); 1 warm-up + 2 timed steps; prints samples/s,
+#      MFU (3 x forward MACs per sample, `scalelab.train.compute.training_macs`), HFU (4 x forward, what a
+#      cached step executes), peak and predicted GPU memory.
 #
-#   bash benchmarks/gpu_check.sh                # on a machine with one NVIDIA GPU (~3-5 min)
-#   bash benchmarks/gpu_check.sh --dry-run-cpu  # here, no GPU: same code, tiny preset, small batch, CPU
+#   bash benchmarks/gpu_check.sh                # on a machine with one NVIDIA GPU
+#   bash benchmarks/gpu_check.sh --dry-run-cpu  # here, no GPU: the same code on CPU, still bf16, pico for
+#                                               # checks 1-3 and tiny at B=64 for the big step (< 1 min)
+# On this workplace's lent GPU machine (no network), after `bash benchmarks/gpu_wheels.sh` here (it fills
+# the git-ignored .whl/ in the checkout the session started in, which is what a device call sends):
+#   run(command="bash benchmarks/gpu_check.sh 2>&1 | tee $OUT/gpu_check.log", carry=[".whl"], timeout_s=540)
 #
-# Knobs (environment): PRESET=vit-b16 BATCH=65536 MICRO=512 TEXT_MICRO=(MICRO) BLOCK=8192 ZERO=2
-# WARMUP=1 STEPS=3 PEAK_FLOPS=989e12 (H200 / H100 SXM bf16 dense; A100: 312e12) MASTER_PORT=29517
-# GPU_CHECK_TIMEOUT=480 (seconds; the Python part is killed past it). Memory at the defaults, H200
-# class GPU: inputs 65536 x 3 x 224 x 224 bf16 = 19.7 GB resident, plus one micro-batch of
-# activations (~30 GB at 512) and ~3 GB of model + fp32 master + Adam state; on an 80 GB GPU use
-# MICRO=256.
+# Knobs (environment): PRESET=vit-b16 BATCH=65536 MICRO=auto (or a number) BLOCK=8192 ZERO=2 WARMUP=1
+# STEPS=2 CHECK_PRESET=tiny (checks 1-3) PEAK_FLOPS=989e12 (H200 / H100 SXM bf16 dense; A100: 312e12)
+# MEMORY_GB (plan the micro-batch in this much memory instead of the GPU's) MASTER_PORT=29517
+# GPU_CHECK_TIMEOUT=480 (seconds; the Python part is killed past it).
 #
-# Environment setup: uses .venv when its torch sees CUDA; otherwise (never touching .venv) creates
-# build/gpu-venv with --system-site-packages (GPU images ship their own CUDA torch, timm, tokenizers)
-# and pip-installs only what is missing of deepspeed / pydantic / pyyaml / timm. scalelab itself is
-# taken from platform/ through PYTHONPATH (no install, so pip never tries to replace the machine's torch).
+# Environment: uses .venv when its torch sees CUDA, else the machine's python3 (GPU images ship their
+# own CUDA torch and timm). What it lacks of deepspeed / pydantic is installed from .whl/ when present
+# (`pip install --no-index --no-deps --target /tmp/site`, /tmp/site on PYTHONPATH: the machine's torch
+# is never touched), else from the package index into the same folder. scalelab itself is taken from
+# platform/ through PYTHONPATH (no install).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,124 +48,38 @@ for arg in "$@"; do
 done
 
 export PYTHONPATH="$PWD/platform${PYTHONPATH:+:$PYTHONPATH}"
-export HF_HUB_OFFLINE=1
-PY=.venv/bin/python
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+PY=${PY:-.venv/bin/python}
 
 if [ "$DRY" = 1 ]; then
   test -x "$PY" || { echo "--dry-run-cpu uses the existing .venv (make venv)" >&2; exit 1; }
-  export DS_ACCELERATOR=cpu PRESET=tiny BATCH=64 MICRO=16 BLOCK=32 WARMUP=1 STEPS=1 OMP_NUM_THREADS=2
+  # MEMORY_GB: a budget that makes the plan choose a micro-batch below the batch (16 or 32 of 64 rows).
+  export DS_ACCELERATOR=cpu PRESET=tiny CHECK_PRESET=pico BATCH=64 MICRO=auto MEMORY_GB=0.03 BLOCK=32 \
+    WARMUP=1 STEPS=1 OMP_NUM_THREADS=2
 else
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   has_cuda='import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'
-  if ! { test -x "$PY" && "$PY" -c "$has_cuda"; }; then
-    # .venv missing or without a CUDA torch: never touch it; use a venv of our own under build/.
-    PY=build/gpu-venv/bin/python
-    if ! test -x "$PY"; then
-      echo "== creating build/gpu-venv on top of the system Python (keeps the machine's CUDA torch)"
-      python3 -m venv --system-site-packages build/gpu-venv
-    fi
-    "$PY" -c 'import torch; assert torch.cuda.is_available(), "no CUDA torch in .venv or the system Python"'
+  if ! { test -x "$PY" && "$PY" -c "$has_cuda" 2>/dev/null; }; then
+    PY=python3  # .venv missing or without a CUDA torch: the machine's own Python
+    "$PY" -c "$has_cuda" || { echo "no CUDA torch in .venv or the system python3" >&2; exit 1; }
   fi
-  missing=()
-  "$PY" -c 'import deepspeed' 2>/dev/null || missing+=("deepspeed==0.19.8")
-  "$PY" -c 'import pydantic' 2>/dev/null || missing+=("pydantic>=2.7")
-  "$PY" -c 'import yaml' 2>/dev/null || missing+=("pyyaml>=6")
-  "$PY" -c 'import timm' 2>/dev/null || missing+=("timm>=1.0.20")
-  if [ "${#missing[@]}" -gt 0 ]; then
-    echo "== installing: ${missing[*]}"
-    "$PY" -m pip install --quiet "${missing[@]}" || {
-      echo "pip install failed (offline machine?): install ${missing[*]} into .venv first" >&2; exit 1; }
+  if ! "$PY" -c 'import deepspeed, pydantic, yaml, timm' 2>/dev/null; then
+    if compgen -G ".whl/*.whl" >/dev/null; then
+      echo "== installing from .whl/: $(cd .whl && ls | tr '\n' ' ')"
+      "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl
+    else
+      pins=$(grep -i -E '^(deepspeed|pydantic|pydantic_core|annotated-types|typing-inspection|hjson)==' \
+        constraints.txt | tr '\n' ' ')
+      echo "== no .whl/ (bash benchmarks/gpu_wheels.sh makes it): installing $pins from the package index"
+      # shellcheck disable=SC2086
+      DS_BUILD_OPS=0 "$PY" -m pip install -q --no-deps --no-build-isolation --no-cache-dir --target /tmp/site $pins
+    fi
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"
   fi
 fi
 
 # Single-process "distributed" run: DeepSpeed's init_distributed reads these (world size 1).
 export MASTER_ADDR=127.0.0.1 MASTER_PORT="${MASTER_PORT:-29517}" RANK=0 LOCAL_RANK=0 WORLD_SIZE=1
 
-timeout "${GPU_CHECK_TIMEOUT:-480}" "$PY" - <<'PY'
-import os
-import statistics
-import time
-
-import torch
-
-from scalelab.config import ExperimentConfig, validate
-from scalelab.models import create_model, preset_stats
-from scalelab.train.compute import step_macs_with_cache, training_macs, utilization
-from scalelab.train.engine import build_engine, zero_stage
-from scalelab.train.step import train_step
-
-env = os.environ
-preset, batch = env.get("PRESET", "vit-b16"), int(env.get("BATCH", 65536))
-micro, block = int(env.get("MICRO", 512)), int(env.get("BLOCK", 8192))
-text_micro = int(env.get("TEXT_MICRO", micro))
-warmup, steps, zero = int(env.get("WARMUP", 1)), int(env.get("STEPS", 3)), int(env.get("ZERO", 2))
-peak = float(env.get("PEAK_FLOPS", 989e12))
-cpu = env.get("DS_ACCELERATOR") == "cpu"
-if not cpu and not torch.cuda.is_available():
-    raise SystemExit("no CUDA device visible; use --dry-run-cpu to check the script without a GPU")
-
-cfg = validate(ExperimentConfig, {
-    "name": f"gpu-check-{preset}",
-    "model": {"preset": preset},
-    "loss": {"kind": "softmax", "block_size": block},
-    "optim": {"name": "adamw", "lr": 5e-4, "weight_decay": 0.2, "warmup_steps": 0},
-    "train": {"global_batch": batch, "micro_batch_size": micro, "text_micro_batch_size": text_micro,
-              "steps": 100, "seed": 0, "precision": "bf16", "zero_stage": zero, "num_workers": 1,
-              "use_gpu": not cpu},
-})
-stats = preset_stats(preset)
-device = "cpu" if cpu else torch.cuda.get_device_name(0)
-print(f"# torch {torch.__version__}, device {device}; preset {preset} ({stats.params / 1e6:.1f} M params, "
-      f"{stats.macs_per_sample / 1e9:.2f} GMACs/sample forward)", flush=True)
-
-torch.manual_seed(0)
-model = create_model(preset).train()
-t0 = time.perf_counter()
-engine, _ = build_engine(model, cfg, world_size=1)
-dtype = next(engine.module.parameters()).dtype
-print(f"# engine: ZeRO-{zero_stage(engine)}, module dtype {dtype}, device {engine.device}, "
-      f"built in {time.perf_counter() - t0:.1f} s", flush=True)
-
-spec = engine.module.config
-g = torch.Generator(device=engine.device).manual_seed(1)
-images = torch.randn(batch, 3, spec.image_size, spec.image_size, generator=g, device=engine.device,
-                     dtype=dtype)
-# Full-length captions: the text tower's cost does not depend on padding, and macs_per_sample
-# counts a full-length caption.
-tokens = torch.randint(1, spec.vocab_size, (batch, spec.context_length), generator=g, device=engine.device)
-input_gb = (images.numel() * images.element_size() + tokens.numel() * tokens.element_size()) / 1e9
-
-
-def sync() -> None:
-    if not cpu:
-        torch.cuda.synchronize()
-
-
-times, metrics = [], {}
-for s in range(warmup + steps):
-    sync()
-    t0 = time.perf_counter()
-    metrics = train_step(engine, images, tokens, cfg, step=s)
-    sync()
-    dt = time.perf_counter() - t0
-    kind = "warm-up" if s < warmup else "timed"
-    print(f"step {s} ({kind}): {dt:.2f} s, loss {metrics['train/loss']:.4f}, "
-          f"grad_norm {metrics['train/grad_norm']}", flush=True)
-    if s >= warmup:
-        times.append(dt)
-    if not torch.isfinite(torch.tensor(metrics["train/loss"])):
-        raise SystemExit("non-finite loss")
-
-step_s = statistics.median(times)
-mfu = utilization(training_macs(stats.macs_per_sample, batch), step_s, peak)
-hfu = utilization(step_macs_with_cache(stats.macs_per_sample, batch), step_s, peak)
-peak_gb = torch.cuda.max_memory_allocated() / 1e9 if not cpu else float("nan")
-print(f"\n| preset | B | micro | block | zero | step s (median of {steps}) | samples/s | MFU | HFU "
-      f"| peak GPU mem GB | of which inputs GB |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
-print(f"| {preset} | {batch} | {micro} | {block} | {zero} | {step_s:.2f} | {batch / step_s:,.0f} | "
-      f"{100 * mfu:.2f}% | {100 * hfu:.2f}% | {peak_gb:.1f} | {input_gb:.2f} |")
-print(f"\nMFU = 2 * 3 * {stats.macs_per_sample:,} MACs * {batch} / step s / {peak:.3g} FLOP/s (PEAK_FLOPS); "
-      f"HFU counts the cache's extra forward (4x). Last step's phases (host clock, not synchronised): "
-      + ", ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in metrics.items() if k.startswith("train/time/")))
-PY
+timeout "${GPU_CHECK_TIMEOUT:-480}" "$PY" benchmarks/gpu_check.py

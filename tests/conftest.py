@@ -24,6 +24,19 @@ from scalelab.config import ExperimentConfig, deep_merge, validate  # after the 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu` tests run where torch sees a CUDA device and are skipped elsewhere (CI)."""
+    marked = [item for item in items if item.get_closest_marker("gpu")]
+    if not marked:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    for item in marked:
+        item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
 @pytest.fixture(scope="session")
 def smoke_world(tmp_path_factory) -> Path:
     """1024 training pairs in 4 shards, small eval sets and 128 retrieval pairs, tokenizer.json."""

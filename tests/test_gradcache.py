@@ -20,18 +20,13 @@ from scalelab.gradcache import (
 )
 from scalelab.losses import sigmoid_loss
 from scalelab.models import create_model
+from scalelab.verify import random_batch
 
 DROPOUT = {"image": {"dropout": 0.1, "drop_path": 0.2}, "text": {"dropout": 0.2}}
 
 
 def _batch(model, batch, seed=0):
-    spec = model.config
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, 3, spec.image_size, spec.image_size, generator=g, dtype=torch.float64)
-    tokens = torch.randint(1, spec.vocab_size, (batch, spec.context_length), generator=g)
-    lengths = torch.randint(1, spec.context_length + 1, (batch,), generator=g)
-    tokens[torch.arange(spec.context_length)[None, :] >= lengths[:, None]] = 0
-    return images, tokens
+    return random_batch(model.config, batch, seed=seed)
 
 
 def _naive_grads(model, images, tokens, micro, text_micro=None, loss="softmax"):

@@ -30,6 +30,7 @@ from scalelab.config import (
     validate,
 )
 from scalelab.train.compute import executed_macs
+from scalelab.train.memory import largest_micro_batch
 
 __all__ = ["RECIPE_KEY", "AxesConfig", "BudgetConfig", "MicroBatchConfig", "SweepConfig", "Trial", "expand",
            "load_sweep"]
@@ -225,8 +226,7 @@ def _micro(rule: MicroBatchConfig, per_worker: int, bytes_per_sample: float | No
         return min(rule.size, per_worker)
     if bytes_per_sample is None:
         raise ConfigError("micro_batch.memory_mb needs the preset's measured activation bytes per sample")
-    fits = max(1, int(rule.memory_mb * 2**20 // bytes_per_sample))
-    return min(per_worker, 2 ** int(math.log2(fits)))
+    return largest_micro_batch(rule.memory_mb * 2**20, bytes_per_sample, limit=per_worker)
 
 
 def _trial_experiment(sweep: SweepConfig, base: dict[str, Any], name: str, d: int, m: str, b: int,
