@@ -28,8 +28,8 @@ from scalelab.gradcache import cached_step, micro_batch_slices
 from scalelab.losses import contrastive_loss, sigmoid_loss
 from scalelab.models import DualEncoder, create_model
 
-__all__ = ["DROPOUT", "LowPrecisionReport", "ReplayReport", "VerifyReport", "low_precision_check",
-           "random_batch", "reference_gradients", "replay_check", "verify_cached_step"]
+__all__ = ["DROPOUT", "CheckSetup", "LowPrecisionReport", "ReplayReport", "VerifyReport",
+           "low_precision_check", "random_batch", "reference_gradients", "replay_check", "verify_cached_step"]
 
 # Dropout and stochastic depth in both towers: the noise the RNG replay must reproduce.
 DROPOUT = {"image": {"dropout": 0.1, "drop_path": 0.1}, "text": {"dropout": 0.1}}
@@ -140,16 +140,36 @@ def random_batch(spec: ModelSpec, batch: int, *, seed: int, device: torch.device
     return images.to(device, dtype), tokens.to(device)
 
 
-# --------------------------------------------------------------------------- low precision (bf16)
 @dataclass(frozen=True)
-class LowPrecisionReport:
-    """Relative L2 errors of the flattened gradient (all parameters) against a float64 reference."""
+class CheckSetup:
+    """What a low-precision check ran on."""
 
     preset: str
     batch: int
     micro_batch_size: int
     dtype: str
     device: str
+
+    def __str__(self) -> str:
+        return f"{self.dtype}, {self.device}, B={self.batch}, micro {self.micro_batch_size}"
+
+
+def _setup(preset: str, batch: int, micro_batch_size: int, device: torch.device | str, dtype: torch.dtype,
+           seed: int, **overrides: object) -> tuple[DualEncoder, torch.Tensor, torch.Tensor, CheckSetup]:
+    """A seeded model in `dtype` on `device`, in train mode, and a random batch for it."""
+    torch.manual_seed(seed)
+    model = create_model(preset, **overrides).to(device, dtype).train()
+    images, tokens = random_batch(model.config, batch, seed=seed + 1, device=device, dtype=dtype)
+    setup = CheckSetup(preset, batch, micro_batch_size, str(dtype).removeprefix("torch."), images.device.type)
+    return model, images, tokens, setup
+
+
+# --------------------------------------------------------------------------- low precision (bf16)
+@dataclass(frozen=True)
+class LowPrecisionReport:
+    """Relative L2 errors of the flattened gradient (all parameters) against a float64 reference."""
+
+    setup: CheckSetup
     cached_err: float  # the cached step's
     plain_err: float  # one plain full-batch backward's, same model, inputs and dtype
     factor: float = LOW_PRECISION_FACTOR
@@ -160,9 +180,8 @@ class LowPrecisionReport:
         return self.plain_err <= self.ceiling and self.cached_err <= self.factor * self.plain_err
 
     def summary(self) -> str:
-        return (f"cached step vs full-batch step ({self.dtype}, {self.device}, B={self.batch}, micro "
-                f"{self.micro_batch_size}): relative gradient error vs float64 {self.cached_err:.3g}, the "
-                f"plain {self.dtype} step's {self.plain_err:.3g}; ratio "
+        return (f"cached step vs full-batch step ({self.setup}): relative gradient error vs float64 "
+                f"{self.cached_err:.3g}, the plain {self.setup.dtype} step's {self.plain_err:.3g}; ratio "
                 f"{self.cached_err / self.plain_err:.2f} (tolerance: <= {self.factor:g}, plain error <= "
                 f"{self.ceiling:g})")
 
@@ -171,17 +190,15 @@ def low_precision_check(preset: str = "tiny", batch: int = 64, micro_batch_size:
                         device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
                         seed: int = 0) -> LowPrecisionReport:
     """The cached step and a plain full-batch step, both in `dtype` on `device`, against float64."""
-    torch.manual_seed(seed)
-    model = create_model(preset).to(device, dtype).train()  # no dropout: one plain forward of B rows
+    # no dropout: the plain step is one forward of B rows
+    model, images, tokens, setup = _setup(preset, batch, micro_batch_size, device, dtype, seed)
     exact = copy.deepcopy(model).double()  # the same (rounded) weights, evaluated exactly
-    images, tokens = random_batch(model.config, batch, seed=seed + 1, device=device, dtype=dtype)
     want = _flat(reference_gradients(exact, images.double(), tokens, batch, "softmax"))
     plain = _flat(reference_gradients(model, images, tokens, batch, "softmax"))
     model.zero_grad(set_to_none=True)
     cached_step(model, images, tokens, micro_batch_size=micro_batch_size)
     cached = _flat({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
-    return LowPrecisionReport(preset, batch, micro_batch_size, str(dtype).removeprefix("torch."),
-                              torch.device(device).type, _rel_err(cached, want), _rel_err(plain, want))
+    return LowPrecisionReport(setup, _rel_err(cached, want), _rel_err(plain, want))
 
 
 def _flat(grads: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -199,11 +216,7 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 class ReplayReport:
     """What the RNG replay of a cached step with dropout did."""
 
-    preset: str
-    batch: int
-    micro_batch_size: int
-    dtype: str
-    device: str
+    setup: CheckSetup
     dropout_draws: bool  # two forwards of one micro-batch differ: there is noise to replay
     replay_max_abs_diff: float  # largest |re-forward - cached forward| over all micro-batches
     rng_as_one_forward: bool  # the step left every generator where one forward of the batch does
@@ -213,19 +226,17 @@ class ReplayReport:
         return self.dropout_draws and self.replay_max_abs_diff == 0.0 and self.rng_as_one_forward
 
     def summary(self) -> str:
-        return (f"RNG replay with dropout ({self.dtype}, {self.device}, B={self.batch}, micro "
-                f"{self.micro_batch_size}): max |replayed - cached| = {self.replay_max_abs_diff:.3g} "
-                f"(tolerance: 0, bit for bit); dropout draws noise: {self.dropout_draws}; RNG left as after "
-                f"one forward: {self.rng_as_one_forward}")
+        diff = self.replay_max_abs_diff
+        return (f"RNG replay with dropout ({self.setup}): max |replayed - cached| = {diff:.3g} (tolerance: "
+                f"0, bit for bit); dropout draws noise: {self.dropout_draws}; RNG left as after one forward: "
+                f"{self.rng_as_one_forward}")
 
 
 def replay_check(preset: str = "tiny", batch: int = 32, micro_batch_size: int = 8, *,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
                  seed: int = 0) -> ReplayReport:
     """One cached step of a model with dropout in both towers; see `ReplayReport`."""
-    torch.manual_seed(seed)
-    model = create_model(preset, **DROPOUT).to(device, dtype).train()
-    images, tokens = random_batch(model.config, batch, seed=seed + 1, device=device, dtype=dtype)
+    model, images, tokens, setup = _setup(preset, batch, micro_batch_size, device, dtype, seed, **DROPOUT)
     first = slice(0, micro_batch_size)
     with torch.no_grad():
         draws = not torch.equal(model.encode_image(images[first]), model.encode_image(images[first]))
@@ -238,8 +249,7 @@ def replay_check(preset: str = "tiny", batch: int = 32, micro_batch_size: int = 
     _set_rng_states(start, images.device)
     result = cached_step(model, images, tokens, micro_batch_size=micro_batch_size)
     same = all(torch.equal(a, b) for a, b in zip(_rng_states(images.device), after_one_forward))
-    return ReplayReport(preset, batch, micro_batch_size, str(dtype).removeprefix("torch."),
-                        images.device.type, draws, result.replay_max_abs_diff, same)
+    return ReplayReport(setup, draws, result.replay_max_abs_diff, same)
 
 
 def _rng_states(device: torch.device) -> list[torch.Tensor]:
