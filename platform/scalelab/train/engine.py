@@ -15,6 +15,15 @@ would JIT-build DeepSpeed's own fused ops, and the learning rate is set each ste
 calls per rank per step (`batch_geometry(...).backward_calls`), so that DeepSpeed's accumulation
 boundary coincides with the last replayed micro-batch (`step.train_step`).
 
+At ZeRO-0 with bf16, DeepSpeed wraps the torch optimizer in `FP16_UnfusedOptimizer`, which keeps one fp32
+master per parameter (`fp32_groups`, aligned with the bf16 `fp16_groups`). DeepSpeed's own accessors
+(`deepspeed.utils.safe_get_full_fp32_param` / `safe_set_full_fp32_param`) do not see those masters (they
+return None / do nothing), so `fp32_master` / `set_fp32_master` read and write them directly. That
+wrapper's constructor also steps the torch optimizer once with zero gradients to create its state: Adam's
+step count starts at 1 (its first real update is ~0.74 of ZeRO-2's, bias corrections stay one step
+ahead) and the masters are weight-decayed once at the peak lr. `build_engine` undoes that step
+(`_undo_state_init_step`), so every stage starts from the same optimizer state.
+
 `optimizer_step` replaces a bare `engine.step()`: a step whose global gradient norm is NaN/inf leaves
 parameters, fp32 master copies and optimizer state (Adam moments, step count) untouched on every rank
 and discards the step's gradients, so the next step starts clean (module docstring of `step`).
@@ -33,7 +42,15 @@ from scalelab.config import ExperimentConfig
 from scalelab.train.ds_config import batch_geometry, deepspeed_config
 from scalelab.train.optim import build_optimizer
 
-__all__ = ["StepOutcome", "begin_micro_step", "build_engine", "optimizer_step", "zero_stage"]
+__all__ = [
+    "StepOutcome",
+    "begin_micro_step",
+    "build_engine",
+    "fp32_master",
+    "optimizer_step",
+    "set_fp32_master",
+    "zero_stage",
+]
 
 
 def build_engine(model: nn.Module, cfg: ExperimentConfig, *, world_size: int) -> tuple[Any, Any]:
@@ -63,7 +80,61 @@ def build_engine(model: nn.Module, cfg: ExperimentConfig, *, world_size: int) ->
     _scalars_to_vectors(model)
     optimizer = build_optimizer(model, cfg.optim)
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    _undo_state_init_step(engine.optimizer)
     return engine, ds_optimizer
+
+
+def fp32_master(engine: Any, param: torch.Tensor) -> torch.Tensor | None:
+    """A full copy of the optimizer's fp32 master of `param` (module docstring); None where the optimizer
+    steps `param` itself (ZeRO-0 fp32) or not at all (frozen). Collective under ZeRO-1/2/3."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    master = safe_get_full_fp32_param(param)
+    if master is None:
+        master = _unfused_master(engine.optimizer, param)
+        master = None if master is None else master.detach().clone()
+    return master
+
+
+def set_fp32_master(engine: Any, param: torch.Tensor, value: torch.Tensor) -> None:
+    """Overwrite the optimizer's fp32 master of `param` with `value` (full, unpartitioned); no-op where
+    there is none. Not for ZeRO-3 (`safe_set_full_fp32_param` mishandles a padded partition in 0.19.8:
+    step.clamp_temperature)."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    live = _unfused_master(engine.optimizer, param)
+    if live is not None:
+        live.data.copy_(value.reshape(live.shape))
+    else:
+        safe_set_full_fp32_param(param, value)
+
+
+def _unfused_master(optimizer: Any, param: torch.Tensor) -> torch.Tensor | None:
+    """The live fp32 master of `param` in DeepSpeed's FP16_UnfusedOptimizer (ZeRO-0 bf16), else None."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if not isinstance(optimizer, FP16_UnfusedOptimizer):
+        return None
+    for masters, params in zip(optimizer.fp32_groups, optimizer.fp16_groups, strict=True):
+        for master, p in zip(masters, params, strict=True):
+            if p is param:
+                return master
+    return None
+
+
+def _undo_state_init_step(optimizer: Any) -> None:
+    """Undo FP16_UnfusedOptimizer's zero-gradient step at construction (module docstring): the masters
+    become their parameters' values again (they were cloned from them and the module was not touched
+    since) and the torch optimizer's state is emptied (all four optimizers create it lazily)."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if not isinstance(optimizer, FP16_UnfusedOptimizer):
+        return
+    with torch.no_grad():
+        for masters, params in zip(optimizer.fp32_groups, optimizer.fp16_groups, strict=True):
+            for master, p in zip(masters, params, strict=True):
+                master.copy_(p)
+    optimizer.optimizer.state.clear()
 
 
 def _skip_inference_comm_op() -> None:

@@ -23,10 +23,9 @@ Where the fp32 weights come from depends on what DeepSpeed 0.19.8 wrote under `d
   the order of the torch optimizer's parameter groups. They are matched to names by rebuilding the
   same groups (`optim.param_groups` on a fresh model). Were they missing, the bf16 module would be cast
   to fp32 (`weights: "module_bf16_cast"`), which loses the low mantissa bits of the masters.
-Training evaluates the same weights: the optimizer's fp32 masters where DeepSpeed exposes them (ZeRO-1/2/3)
-and the fp32 module under ZeRO-0, so an export scores what the run's final evaluation reported. The
-exception is ZeRO-0 bf16, whose wrapper's masters training cannot read: it evaluates the bf16 module,
-so that export (fp32 masters) can score slightly differently.
+Training evaluates the same weights: the optimizer's fp32 masters where there are any (ZeRO-1/2/3, and
+ZeRO-0 bf16's wrapper, read by `engine.fp32_master`) and the fp32 module under ZeRO-0 fp32, so an export
+scores what the run's final evaluation reported.
 
 `build_engine` gives 0-dim parameters (the temperature) shape [1]; export restores the model's shapes.
 `read_checkpoint_weights` is the reading half on its own (`model.image.init` takes a run's image tower

@@ -16,10 +16,10 @@ single-process full-batch step in `tests/train/test_engine.py`):
   rank's own-row embedding gradients by the world size to compensate, so the average is exactly the
   gradient of the global-batch loss (the temperature term is identical on every rank).
 - Clamp (CLIP: logit_scale ≤ ln 100 after each step) must reach the optimizer's fp32 master copy as
-  well as the working parameter: ZeRO-1/2/3 and the bf16 optimizer keep a separate fp32 partition
-  and overwrite the model parameter from it at the next step, so clamping only `engine.module` would
-  be undone. Under ZeRO-3 the working parameter is partitioned (an empty tensor outside a forward),
-  so it is clamped inside `deepspeed.zero.GatheredParameters(..., modifier_rank=0)`.
+  well as the working parameter: ZeRO-1/2/3 and the bf16 optimizers (ZeRO-0 bf16 included) keep a
+  separate fp32 master and overwrite the model parameter from it at the next step, so clamping only
+  `engine.module` would be undone. Under ZeRO-3 the working parameter is partitioned (an empty tensor
+  outside a forward), so it is clamped inside `deepspeed.zero.GatheredParameters(..., modifier_rank=0)`.
 
 Non-finite steps (NaN/inf loss or gradient norm) are skipped on every rank, with no parameter or
 optimizer-state update, and reported as `train/skipped` = 1.0:
@@ -45,7 +45,14 @@ from torch import Tensor
 from scalelab.config import MAX_LOGIT_SCALE, ExperimentConfig
 from scalelab.gradcache import CachedStepResult, cached_step
 from scalelab.train.ds_config import batch_geometry
-from scalelab.train.engine import StepOutcome, begin_micro_step, optimizer_step, zero_stage
+from scalelab.train.engine import (
+    StepOutcome,
+    begin_micro_step,
+    fp32_master,
+    optimizer_step,
+    set_fp32_master,
+    zero_stage,
+)
 from scalelab.train.image_tower import enter_image_phase, fresh_while_paused
 from scalelab.train.schedule import apply_lr, lr_for
 
@@ -212,15 +219,10 @@ def clamp_temperature(engine: Any) -> None:
     """Clamp logit_scale to ≤ ln 100 in the optimizer's fp32 master copy and in the model (module doc).
 
     Collective under ZeRO (every rank must call it): reading the full fp32 master value all-reduces
-    (ZeRO-1/2, bf16), and gathering the partitioned parameter all-gathers (ZeRO-3).
+    (ZeRO-1/2, the BF16 optimizer), and gathering the partitioned parameter all-gathers (ZeRO-3).
     """
     import deepspeed
-    from deepspeed.utils import (
-        safe_get_full_fp32_param,
-        safe_get_local_fp32_param,
-        safe_set_full_fp32_param,
-        safe_set_local_fp32_param,
-    )
+    from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
 
     model = engine.module
     param = model.temperature.logit_scale
@@ -234,7 +236,10 @@ def clamp_temperature(engine: Any) -> None:
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             model.clamp_()  # rank 0's value is scattered back on exit; every rank computes the same
         return
-    master = safe_get_full_fp32_param(param)  # None when the optimizer steps the parameter itself
+    # At ZeRO-1/2 DeepSpeed's accessor reads the master; at ZeRO-0 bf16 it cannot (FP16_UnfusedOptimizer's
+    # per-parameter masters are invisible to it), and a master left unclamped is copied back into the
+    # module at the next step, so `fp32_master` reads that wrapper directly (train/engine.py).
+    master = fp32_master(engine, param)  # None when the optimizer steps the parameter itself (ZeRO-0 fp32)
     if master is not None:
-        safe_set_full_fp32_param(param, master.clamp(max=MAX_LOGIT_SCALE))
+        set_fp32_master(engine, param, master.clamp(max=MAX_LOGIT_SCALE))
     model.clamp_()

@@ -18,7 +18,7 @@ import torch
 
 from scalelab.config import ExperimentConfig
 from scalelab.train.checkpoint import RankState, RunState, load_checkpoint, save_checkpoint
-from scalelab.train.engine import build_engine, zero_stage
+from scalelab.train.engine import build_engine, fp32_master, zero_stage
 from scalelab.train.image_tower import prepare_model
 from scalelab.train.step import train_step
 
@@ -60,15 +60,13 @@ class ContrastiveTask:
     @contextlib.contextmanager
     def full_weights(self) -> Iterator[dict[str, torch.Tensor] | None]:
         """The weights `scalelab export` would write, on rank 0 (None elsewhere): the optimizer's fp32
-        master copies where there are any (ZeRO-1/2/3), else the module's own parameters (ZeRO-0; with
-        bf16 the wrapper optimizer's masters are not readable through this API, so a bf16 ZeRO-0 run
-        evaluates its bf16 module while its export holds the masters). Collective: reading a full
-        master (all-reduce / ZeRO-3 gather) needs every rank."""
+        master copies where there are any (ZeRO-1/2/3, and ZeRO-0 bf16: `engine.fp32_master`), else the
+        module's own parameters (ZeRO-0 fp32, frozen parameters), so evaluation scores what an export
+        holds. Collective: reading a full master (all-reduce / ZeRO-3 gather) needs every rank."""
         import deepspeed
-        from deepspeed.utils import safe_get_full_fp32_param
 
         params = dict(self.engine.module.named_parameters())
-        masters = {name: safe_get_full_fp32_param(p) for name, p in params.items()}
+        masters = {name: fp32_master(self.engine, p) for name, p in params.items()}
         with deepspeed.zero.GatheredParameters(list(params.values()), enabled=zero_stage(self.engine) == 3):
             if self.rank != 0:
                 yield None
