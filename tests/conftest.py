@@ -132,6 +132,93 @@ def ray_cluster(request, _ray_owner):
         cloudpickle.unregister_pickle_by_value(module)
 
 
+class LocalCluster:
+    """A Ray cluster of separate raylets on this machine (Ray's own `cluster_utils.Cluster`, as Ray's
+    tests use it): a head that trains nothing (0 CPUs, as cluster.yaml's head) and worker nodes, each
+    with its own resources, that a test can remove (their raylet and workers SIGKILLed) and add."""
+
+    def __init__(self, worker_cpus: tuple[float, ...], dashboard_port: int | None = None) -> None:
+        from ray.cluster_utils import Cluster
+
+        self.temp = tempfile.mkdtemp(prefix="rn", dir="/tmp")  # Ray's socket paths must stay short
+        head: dict[str, Any] = {"num_cpus": 0, "object_store_memory": 100_000_000, "temp_dir": self.temp,
+                                "include_dashboard": dashboard_port is not None}
+        if dashboard_port is not None:
+            head.update(dashboard_host="127.0.0.1", dashboard_port=dashboard_port)
+        # The head writes its address for `ray.init(address="auto")` under RAY_TMPDIR: there, in this
+        # cluster's own folder, so that no other `scalelab` command on the machine finds it.
+        os.makedirs(os.path.join(self.temp, "ray"))
+        before = os.environ.get("RAY_TMPDIR")
+        os.environ["RAY_TMPDIR"] = self.temp
+        try:
+            self.cluster = Cluster(initialize_head=True, head_node_args=head)
+        finally:
+            if before is None:
+                del os.environ["RAY_TMPDIR"]
+            else:
+                os.environ["RAY_TMPDIR"] = before
+        self.workers = [self.add_node(cpus) for cpus in worker_cpus]
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+    def add_node(self, cpus: float) -> Any:
+        return self.cluster.add_node(num_cpus=cpus, object_store_memory=150_000_000, temp_dir=self.temp)
+
+    def remove_node(self, node: Any) -> None:
+        """Kill the node's raylet and everything it started, at once (no graceful shutdown)."""
+        self.cluster.remove_node(node, allow_graceful=False)
+        self.workers.remove(node)
+
+    def shutdown(self) -> None:
+        for node in list(self.workers):
+            self.remove_node(node)
+        self.cluster.remove_node(self.cluster.head_node, allow_graceful=False)
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def local_cluster(worker_cpus: tuple[float, ...], dashboard_port: int | None = None):
+    """`LocalCluster` for a `with` block; the session's own local Ray is stopped first (a process
+    talks to one Ray at a time) and started again by the next test that needs it."""
+    _stop_ray()
+    cluster = LocalCluster(worker_cpus, dashboard_port)
+    try:
+        yield cluster
+    finally:
+        import ray
+
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def make_cluster(_ray_owner):
+    """`with make_cluster(worker_cpus) as cluster:` a `LocalCluster` (see `local_cluster`)."""
+    return local_cluster
+
+
+@pytest.fixture(scope="module")
+def two_node_ray(request, _ray_owner):
+    """This process connected to a `LocalCluster` of two 1-CPU worker nodes, for a module that runs its
+    own functions in Ray Train workers (pickled by value, as `ray_cluster`)."""
+    import sys
+
+    import ray
+    from ray import cloudpickle
+
+    module = sys.modules[request.module.__name__]
+    with local_cluster((1, 1)) as cluster:
+        ray.init(address=cluster.address,
+                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}})
+        cloudpickle.register_pickle_by_value(module)
+        try:
+            yield cluster
+        finally:
+            cloudpickle.unregister_pickle_by_value(module)
+
+
 @pytest.fixture(scope="session")
 def smoke_run(smoke_config, tmp_path_factory, _ray_owner):
     """experiments/smoke.yaml trained once for the session (30 steps, 2 workers, ZeRO-2, every eval):

@@ -1,8 +1,13 @@
-"""`ray job submit` of a sweep against a real local head node (`ray start --head` with its dashboard).
+"""`ray job submit` of a sweep to a real multi-node Ray cluster on this machine, started as `ray up` starts
+one: `ray start --head` (0 CPUs, with the dashboard's job server) and two worker nodes joining it with
+`ray start --address` (2 CPUs each, their own raylets). The sweep's trial trains on 2 workers of 1.5 CPUs:
+one on each worker node.
 
 The job runs in a temporary copy of its --working-dir, so a relative `storage` must resolve against
 `SCALELAB_ROOT` from the job's runtime env: the results and the MLflow store land there, and nothing is
-written into the working dir copy. Without `SCALELAB_ROOT` the job is refused before any training.
+written into the working dir copy. Without `SCALELAB_ROOT` the job is refused before any training. A job
+stopped mid-trial (`ray job stop`, after the trial's step-4 checkpoint) and submitted again resumes: the
+trial continues from step 4 and the sweep ends with one parent and one trial run in MLflow.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -23,6 +29,8 @@ import pytest
 import yaml
 
 from scalelab.config import EvalConfig
+from scalelab.sweep.runner import PARENT_TAG
+from scalelab.train.faults import HOLD_AT_STEP_ENV, HOLD_MARKER_ENV, HOLD_RUN_ENV
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -77,25 +85,39 @@ def _stop_head(temp: str) -> None:
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """A 2-CPU Ray head with the dashboard's job server, on free ports; yields the dashboard's address
-    and the head's temp dir."""
+    """A Ray head (no CPUs; the dashboard's job server) and two 2-CPU worker nodes, on free ports and
+    127.0.0.1; yields the dashboard's address and the head's temp dir."""
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay short
     gcs, dashboard, client, agent, agent_grpc, metrics, env_agent = _free_ports(7)
-    cmd = [RAY, "start", "--head", "--port", str(gcs), "--num-cpus", "2", "--object-store-memory",
-           "400000000", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-           "--dashboard-port", str(dashboard), "--ray-client-server-port", str(client),
-           "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
-           "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(env_agent),
-           "--temp-dir", temp, "--disable-usage-stats"]
+    head = [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--num-cpus", "0",
+            "--object-store-memory", "100000000", "--include-dashboard", "true", "--dashboard-host",
+            "127.0.0.1", "--dashboard-port", str(dashboard), "--ray-client-server-port", str(client),
+            *_node_ports(agent, agent_grpc, metrics, env_agent), "--temp-dir", temp, "--disable-usage-stats"]
     try:
-        started = subprocess.run(cmd, env=_ray_env(), capture_output=True, text=True, timeout=120)
-        assert started.returncode == 0, started.stdout + started.stderr
+        _ray_start(head)
+        for _ in range(2):
+            # One log monitor per machine (the head's): the nodes share its session folder, and each
+            # monitor would forward every worker line again.
+            _ray_start([RAY, "start", "--address", f"127.0.0.1:{gcs}", "--node-ip-address", "127.0.0.1",
+                        "--num-cpus", "2", "--object-store-memory", "150000000", "--include-log-monitor",
+                        "false", *_node_ports(*_free_ports(4)), "--disable-usage-stats"])
         address = f"http://127.0.0.1:{dashboard}"
         _wait_for_job_server(address)
         yield address, Path(temp)
     finally:
         _stop_head(temp)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _node_ports(agent: int, agent_grpc: int, metrics: int, env_agent: int) -> list[str]:
+    """A node's own agent and metrics ports (several nodes on one machine must not share them)."""
+    return ["--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+            "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(env_agent)]
+
+
+def _ray_start(cmd: list[str]) -> None:
+    started = subprocess.run(cmd, env=_ray_env(), capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stdout + started.stderr
 
 
 def _wait_for_job_server(address: str) -> None:
@@ -126,9 +148,10 @@ def project(tmp_path: Path, smoke_config) -> Path:
     sweep = {
         "name": SWEEP, "base": "base.yaml",
         "axes": {"data": [512], "model": ["micro"], "batch": [32]},
-        "budget": {"kind": "samples", "value": 128},  # 4 steps
+        "budget": {"kind": "samples", "value": 256},  # 8 steps
         "micro_batch": {"size": 16},
-        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": 1},
+        # One worker on each 2-CPU node, with room beside it for a decode task.
+        "resources": {"workers_per_trial": 2, "cpus_per_worker": 1.5, "max_concurrent_trials": 1},
         "storage": "runs",  # relative: resolved against SCALELAB_ROOT inside the job
         "robustness_metric": None,
     }
@@ -136,13 +159,14 @@ def project(tmp_path: Path, smoke_config) -> Path:
     return folder
 
 
-def _submit(address: str, project: Path, env_vars: dict[str, str]) -> tuple[str, subprocess.CompletedProcess]:
+def _submit(address: str, project: Path, env_vars: dict[str, str], *,
+            wait: bool = True) -> tuple[str, subprocess.CompletedProcess]:
     job_id = f"scalelab-test-{uuid.uuid4().hex[:12]}"
     runtime_env = {"env_vars": {"DS_ACCELERATOR": "cpu", "MLFLOW_DISABLE_TELEMETRY": "true",
                                 "HF_HUB_OFFLINE": "1", **env_vars}}
     cmd = [RAY, "job", "submit", "--address", address, "--working-dir", str(project),
            "--submission-id", job_id, "--runtime-env-json", json.dumps(runtime_env),
-           "--", "scalelab", "sweep", "sweep.yaml"]
+           *([] if wait else ["--no-wait"]), "--", "scalelab", "sweep", "sweep.yaml"]
     done = subprocess.run(cmd, env=_ray_env(), capture_output=True, text=True, timeout=540)
     return job_id, done
 
@@ -162,11 +186,22 @@ def _files(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}
 
 
-def test_sweep_job_lands_under_scalelab_root(ray_head, project, tmp_path):
+def test_sweep_job_stopped_and_submitted_again_resumes_under_scalelab_root(ray_head, project, tmp_path):
     address, temp = ray_head
     root = tmp_path / "root"
     root.mkdir()
     before = _files(project)
+    # First job: the trial holds at step 6 (after its step-4 checkpoint) until the job is stopped.
+    held = tmp_path / "held"
+    hold = {HOLD_RUN_ENV: f"{SWEEP}--{TRIAL}", HOLD_AT_STEP_ENV: "6", HOLD_MARKER_ENV: str(held)}
+    first, submitted = _submit(address, project, {"SCALELAB_ROOT": str(root), **hold}, wait=False)
+    assert submitted.returncode == 0, submitted.stderr
+    _wait_for(lambda: held.exists(), address, first)
+    stopped = subprocess.run([RAY, "job", "stop", "--address", address, first], env=_ray_env(),
+                             capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert _job(address, first)[0] == "STOPPED"
+
     job_id, done = _submit(address, project, {"SCALELAB_ROOT": str(root)})
     status, logs = _job(address, job_id)
     assert done.returncode == 0 and status == "SUCCEEDED", f"{status}\n{done.stderr[-3000:]}\n{logs[-6000:]}"
@@ -174,7 +209,14 @@ def test_sweep_job_lands_under_scalelab_root(ray_head, project, tmp_path):
     runs = root / "runs"
     assert (runs / SWEEP / "sweep.json").is_file()
     assert (runs / SWEEP / "tune").is_dir()
-    assert (runs / SWEEP / "trials" / f"{SWEEP}--{TRIAL}").is_dir()
+    trial_dir = runs / SWEEP / "trials" / f"{SWEEP}--{TRIAL}"
+    assert trial_dir.is_dir()
+    # The sweep's log: each job's section starts with its command line.
+    jobs = (runs / SWEEP / "console.log").read_text().split("===== scalelab sweep sweep.yaml")[1:]
+    assert len(jobs) == 2 and "resumed at step 4" in jobs[1], jobs[-1][-3000:]
+    for job in jobs:  # each job's worker group: rank 0 and rank 1 on two different nodes
+        nodes = re.findall(r"rank 0 on node ([0-9a-f]+) .*, rank 1 on node ([0-9a-f]+) ", job)
+        assert len(set(nodes)) == 1 and len(set(nodes[0])) == 2, nodes
     state = json.loads((runs / SWEEP / "sweep.json").read_text())
 
     import mlflow
@@ -183,14 +225,28 @@ def test_sweep_job_lands_under_scalelab_root(ray_head, project, tmp_path):
     experiment = client.get_experiment_by_name("scalelab-sweeps")
     parent = client.get_run(state["parent_run_id"])
     assert parent.info.status == "FINISHED"
+    assert len(client.search_runs([experiment.experiment_id], f"tags.`{PARENT_TAG}` = '{SWEEP}'")) == 1
     children = client.search_runs([experiment.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) == 1, [c.data.tags for c in children]
     assert children[0].info.status == "FINISHED"
+    seen = client.get_metric_history(children[0].info.run_id, "train/samples_seen")
+    assert sorted(m.step for m in seen) == list(range(2, 9, 2)) and max(m.value for m in seen) == 256
 
-    # Nothing written into the job's working dir: neither the project nor the copy Ray ran it in.
+    # Nothing written into the job's working dir: neither the project nor the copies Ray ran it in.
     assert _files(project) == before
     _assert_copies_untouched(temp, before)
+
+
+def _wait_for(ready, address: str, job_id: str, timeout: float = 480) -> None:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client, deadline = JobSubmissionClient(address), time.monotonic() + timeout
+    while not ready():
+        status = client.get_job_status(job_id)
+        assert status in (JobStatus.PENDING, JobStatus.RUNNING), _job(address, job_id)
+        assert time.monotonic() < deadline, _job(address, job_id)[1][-4000:]
+        time.sleep(1.0)
 
 
 def _assert_copies_untouched(temp: Path, expected: set[str]) -> None:

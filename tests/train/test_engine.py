@@ -1,4 +1,5 @@
-"""DeepSpeed engine + gradient-cache step, 2 Ray Train workers, vs. a plain single-process reference.
+"""DeepSpeed engine + gradient-cache step, 2 Ray Train workers on 2 nodes, vs. a plain single-process
+reference.
 
 The claim: `train_step` on 2 data-parallel ranks, each running several (uneven) gradient-cache
 micro-batches through `engine.backward(..., scale_wrt_gas=False)` with the accumulation boundary on
@@ -10,9 +11,11 @@ logit_scale starts above ln 100, so step 1 is clamped and a clamp that missed th
 in step 2. fp32 throughout; dropout 0 (ranks would draw independent noise).
 
 Stages 0, 1, 2, 3, one after the other in the same two workers (one worker-group start-up for all
-four; each stage builds its own engine from a fresh model). The pre-clip global gradient norm is
-compared as well (rel 1e-5): AdamW's update is nearly invariant to a constant gradient factor, so
-parameters alone would miss one.
+four; each stage builds its own engine from a fresh model). The workers run on two nodes of a real
+multi-node Ray cluster (`conftest.LocalCluster`: a head and two worker nodes, each its own raylet), one
+rank per node (`STRICT_SPREAD`), so the collectives cross nodes as on a cluster.
+The pre-clip global gradient norm is compared as well (rel 1e-5): AdamW's update is nearly invariant
+to a constant gradient factor, so parameters alone would miss one.
 Tolerance: max |p_deepspeed - p_reference| <= 1e-6 over all parameters (fp32 reduction-order noise
 is ~1e-8 here; a wrong gradient scale, boundary or clamp gives differences of order lr = 1e-3).
 """
@@ -61,8 +64,14 @@ def _model_and_batches(cfg: ExperimentConfig):
 
 
 def _train_fn(config: dict) -> None:
-    """The Ray Train worker: every stage in turn (see `_train_stage`)."""
+    """The Ray Train worker: where it runs, then every stage in turn (see `_train_stage`)."""
+    import ray
+    import ray.train
+
     torch.set_num_threads(1)
+    rank = ray.train.get_context().get_world_rank()
+    with open(f"{config['nodes']}.{rank}", "w") as f:
+        f.write(ray.get_runtime_context().get_node_id())
     for stage, out in config["stages"].items():
         _train_stage(_config(stage), out)
 
@@ -119,8 +128,9 @@ STAGES = (2, 0, 1, 3)
 
 
 @pytest.fixture(scope="module")
-def stage_results(ray_cluster, tmp_path_factory) -> dict[int, dict]:
-    """One Ray Train run, 2 workers, all four stages; stage → rank 0's saved parameters and metrics."""
+def stage_results(two_node_ray, tmp_path_factory) -> dict:
+    """One Ray Train run, 2 workers on 2 nodes, all four stages; stage → rank 0's saved parameters and
+    metrics, and "nodes" → the node id of each rank."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -128,9 +138,10 @@ def stage_results(ray_cluster, tmp_path_factory) -> dict[int, dict]:
     outs = {stage: str(folder / f"zero{stage}.pt") for stage in STAGES}
     trainer = TorchTrainer(
         _train_fn,
-        train_loop_config={"stages": outs},
-        # 0.5 CPU each: two 1-CPU workers on a 2-CPU cluster leave nothing for Ray's own tasks.
-        scaling_config=ScalingConfig(num_workers=WORLD, use_gpu=False, resources_per_worker={"CPU": 0.5}),
+        train_loop_config={"stages": outs, "nodes": str(folder / "node")},
+        # One rank per node: the collectives cross nodes. 0.5 CPU each leaves room for Ray's own tasks.
+        scaling_config=ScalingConfig(num_workers=WORLD, use_gpu=False, resources_per_worker={"CPU": 0.5},
+                                     placement_strategy="STRICT_SPREAD"),
         run_config=RunConfig(
             name="engine-stages",
             storage_path=str(folder),
@@ -138,7 +149,14 @@ def stage_results(ray_cluster, tmp_path_factory) -> dict[int, dict]:
         ),
     )
     trainer.fit()
-    return {stage: torch.load(out) for stage, out in outs.items()}
+    nodes = [(folder / f"node.{rank}").read_text() for rank in range(WORLD)]
+    return {"nodes": nodes, **{stage: torch.load(out) for stage, out in outs.items()}}
+
+
+@pytest.mark.slow
+def test_the_two_ranks_ran_on_the_two_worker_nodes(stage_results, two_node_ray):
+    assert sorted(stage_results["nodes"]) == sorted(node.node_id for node in two_node_ray.workers)
+    assert two_node_ray.cluster.head_node.node_id not in stage_results["nodes"]
 
 
 @pytest.mark.slow

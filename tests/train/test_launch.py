@@ -4,18 +4,21 @@
   metrics, params, artifacts in one MLflow run; a re-run of the finished run trains nothing and opens
   no second run.
 - same seed, same run: one uninterrupted run (2 workers, augmentation, dropout, stochastic depth,
-  evaluation on rank 0) is the reference for a run interrupted twice: its driver is SIGKILLed with
-  every process it started (held at step 7 by the test hook), the same command again resumes from the
-  step-5 checkpoint, and there a worker raises at step 8 (Ray restarts the group from that checkpoint).
-  It must end with bit-identical fp32 parameters and log every step exactly once, with bit-identical
-  losses, gradient norms and evaluations. Its steps before the kill also show that two independent
-  runs (other processes, another Ray) agree.
+  evaluation on rank 0, local Ray) is the reference for a run interrupted three times on a multi-node
+  Ray cluster (a head and two worker nodes, one rank on each): its driver is SIGKILLed (held at step 7
+  by the test hook), the same command again resumes from the step-5 checkpoint, there a worker raises
+  at step 8 (Ray restarts the group from that checkpoint), and at step 9 the node of rank 1 is lost
+  (Ray restarts the group on the surviving node and a replacement). It must end with bit-identical fp32
+  parameters and log every step exactly once, with bit-identical losses, gradient norms and
+  evaluations. Its steps before the kill also show that two independent runs (other processes, another
+  Ray, one node or two) agree.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -33,6 +36,7 @@ from scalelab.train.faults import (
     FAIL_MARKER_ENV,
     FAIL_RANK_ENV,
     HOLD_AT_STEP_ENV,
+    HOLD_MARKER_ENV,
     HOLD_RUN_ENV,
 )
 
@@ -152,39 +156,75 @@ def uninterrupted(smoke_config, tmp_path_factory, local_ray):
     return launch(_resumable_config(smoke_config, tmp_path_factory.mktemp("steady"), "steady"), verbose=False)
 
 
-def test_driver_sigkill_then_a_worker_failure_and_the_run_equals_the_uninterrupted_one(
-    smoke_config, tmp_path, kill_session, uninterrupted
+def _placements(console: Path) -> list[dict[int, str]]:
+    """Each worker group's node ids by rank, from the run's 'rank 0 on node <id> (<ip>), ...' lines."""
+    lines = [line for line in console.read_text().splitlines() if "rank 0 on node " in line]
+    return [{int(r): node for r, node in re.findall(r"rank (\d+) on node ([0-9a-f]+)", line)}
+            for line in lines]
+
+
+def _wait(ready, driver: subprocess.Popen, log: Path, what: str) -> None:
+    deadline = time.monotonic() + 600
+    while not ready():
+        assert driver.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"no {what} within 10 minutes"
+        time.sleep(0.2)
+
+
+def test_driver_kill_worker_failure_and_node_loss_and_the_run_equals_the_uninterrupted_one(
+    smoke_config, tmp_path, kill_session, make_cluster, uninterrupted
 ):
-    """Killed at step 7, after its step-5 checkpoint (driver, local Ray and workers at once), the same
-    command again resumes at step 5; there rank 1 raises at step 8 and Ray restarts the worker group
-    from step 5 again. The run ends in its first MLflow run, equal to `uninterrupted` to the last bit:
-    steps 6-7 ran three times and step 8 twice, each logged once."""
+    """On a cluster of a head and two worker nodes (one rank on each): the driver is SIGKILLed at step 7,
+    after its step-5 checkpoint; the same command again resumes at step 5; there rank 1 raises at step 8
+    (Ray restarts the group from step 5), and at step 9 the node of rank 1 is removed (raylet and workers
+    SIGKILLed) and a replacement added: Ray restarts the group on the surviving and the new node, from
+    step 5 again. The run ends in its first MLflow run, equal to `uninterrupted` to the last bit: steps
+    6-7 ran four times and 8-9 three, each logged once. Last in this module: the cluster replaces the
+    session's local Ray while it runs."""
     cfg = _resumable_config(smoke_config, tmp_path / "runs", "killed")
+    # Nodes of 2 CPUs and workers of 1.5: one rank per node, room beside it for a decode task. One
+    # thread per worker, as the uninterrupted run's 0.5-CPU workers. Two restarts in the second command.
+    cfg = cfg.model_copy(update={
+        "train": cfg.train.model_copy(update={"cpus_per_worker": 1.5, "threads_per_worker": 1}),
+        "run": cfg.run.model_copy(update={"max_failures": 3}),
+    })
     config = tmp_path / "killed.yaml"
     config.write_text(yaml.safe_dump(cfg.to_dict()))
-    command = [sys.executable, "-m", "scalelab.cli", "train", str(config), "--ray", "local"]
-    env = {**os.environ, "RAY_TMPDIR": "/tmp"}
-    held = {**env, HOLD_RUN_ENV: "killed", HOLD_AT_STEP_ENV: "7"}
-    log = (tmp_path / "first.log").open("w")
-    driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=held, start_new_session=True)
     run_dir = tmp_path / "runs" / "killed"
-    deadline = time.monotonic() + 600
-    progress = run_dir / "console.log"  # where the workers' lines go (the terminal shows the live view)
-    while (latest_checkpoint(run_dir) is None or not progress.is_file()
-           or "step 7/12" not in progress.read_text()):
-        assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "no step 7 within 10 minutes"
-        time.sleep(0.2)
-    kill_session(driver.pid)
-    driver.wait(timeout=60)
-    assert read_run_state(latest_checkpoint(run_dir)).step == 5
+    console = run_dir / "console.log"  # where the workers' lines go (the terminal shows the live view)
+    with make_cluster((2, 2)) as cluster:
+        command = [sys.executable, "-m", "scalelab.cli", "train", str(config), "--ray", cluster.address]
+        first_log = tmp_path / "first.log"
+        driver = subprocess.Popen(command, stdout=first_log.open("w"), stderr=subprocess.STDOUT,
+                                  env={**os.environ, HOLD_RUN_ENV: "killed", HOLD_AT_STEP_ENV: "7"},
+                                  start_new_session=True)
+        _wait(lambda: latest_checkpoint(run_dir) is not None and console.is_file()
+              and "step 7/12" in console.read_text(), driver, first_log, "step 7")
+        kill_session(driver.pid)  # the driver alone: the cluster stays, the run's workers die with it
+        driver.wait(timeout=60)
+        assert read_run_state(latest_checkpoint(run_dir)).step == 5
+        first = _placements(console)
+        assert len(first) == 1 and set(first[0].values()) == {node.node_id for node in cluster.workers}
 
-    marker = tmp_path / "failed-once"
-    failing = {**env, FAIL_AT_STEP_ENV: "8", FAIL_RANK_ENV: "1", FAIL_MARKER_ENV: str(marker)}
-    second = subprocess.run(command, capture_output=True, text=True, env=failing, timeout=600)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "resuming the interrupted run at step 5/12" in second.stdout
-    assert marker.read_text() == "8"  # the worker failure really happened
+        failed, held = tmp_path / "failed-once", tmp_path / "held-once"
+        second_log = tmp_path / "second.log"
+        second = subprocess.Popen(command, stdout=second_log.open("w"), stderr=subprocess.STDOUT, env={
+            **os.environ, FAIL_AT_STEP_ENV: "8", FAIL_RANK_ENV: "1", FAIL_MARKER_ENV: str(failed),
+            HOLD_RUN_ENV: "killed", HOLD_AT_STEP_ENV: "9", HOLD_MARKER_ENV: str(held)})
+        _wait(held.exists, second, second_log, "step 9")
+        groups = _placements(console)
+        lost = next(node for node in cluster.workers if node.node_id == groups[-1][1])
+        cluster.remove_node(lost)
+        replacement = cluster.add_node(2)
+        assert second.wait(timeout=600) == 0, second_log.read_text()[-3000:]
+        groups = _placements(console)
+
+    assert "resuming the interrupted run at step 5/12" in second_log.read_text()
+    assert failed.read_text() == "8"  # the worker failure really happened
+    # Groups: the first command's; the second's, again after the worker failure, then after the node loss.
+    assert len(groups) == 4 and groups[1] == groups[2] == groups[0], groups
+    survivor = next(node for node in groups[0].values() if node != lost.node_id)
+    assert set(groups[3].values()) == {survivor, replacement.node_id}
     final = read_run_state(latest_checkpoint(run_dir))
     assert (final.step, final.samples_seen, final.finished) == (12, 12 * 64, True)
 

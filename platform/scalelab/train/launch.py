@@ -47,6 +47,7 @@ _PASSTHROUGH_ENV = (*FAULT_ENV, TIMELINE_ENV, "HF_HUB_OFFLINE", "MLFLOW_DISABLE_
 # Never logged as params: a tracking URI may carry a password (postgresql://user:pw@host/db).
 _UNLOGGED_PARAMS = ("run.tracking_uri",)
 _POLL_ENV, _POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"
+_START_TIMEOUT_ENV, _START_TIMEOUT_S = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "1800"
 
 
 @dataclass
@@ -268,6 +269,10 @@ def _fit(plan: WorkerPlan, callbacks: list[Any], progress: Any = None) -> Any:
     # 48 s instead of 27 s). The poll is a small actor call; the variable reaches the controller
     # through Ray Train's own propagation from this process.
     os.environ.setdefault(_POLL_ENV, _POLL_S)
+    # A worker group that waits for resources (nodes booting, a lost node being replaced, CPUs another
+    # trial's decode tasks hold) gives up after Ray Train's 60 s and retries, logging a start-up
+    # "failure" with a traceback each time: let it wait instead.
+    os.environ.setdefault(_START_TIMEOUT_ENV, _START_TIMEOUT_S)
     # Ray restores its own checkpoint bookkeeping from `<storage>/<name>` when it finds it, but a driver
     # killed between writing a checkpoint and recording it leaves a checkpoint Ray does not know: the
     # plan names the newest complete one on storage (Train V2 has no resume_from_checkpoint).
@@ -313,11 +318,8 @@ def ensure_ray(address: str | None = None) -> bool:
             pass
     # The processes Ray starts inherit this environment. A local instance is one machine that nothing
     # drains or preempts, so Ray Train's preemption watcher (one more actor process per run, which on
-    # 2 cores costs seconds of start-up) has nothing to watch. A trial whose placement group waits for
-    # CPUs that another trial's decode tasks hold gives up after Ray Train's 60 s and retries, logging
-    # a start-up "failure" with a traceback each time: let it wait instead.
+    # 2 cores costs seconds of start-up) has nothing to watch.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     ray.init(address="local", object_store_memory=1_000_000_000, include_dashboard=False)
     _OWNED.append("local")
     return True

@@ -62,6 +62,7 @@ def train_worker(plan_dict: dict[str, Any]) -> None:
     run, mine = _start_or_resume(me, task)
     reporter = Reporter(plan, me.rank, run, progress)
     mark("reporter_ready", rank=me.rank)
+    reporter.say(_placement(me.world))
     if run.step > 0:
         reporter.say(f"resumed at step {run.step} ({run.samples_seen} samples seen)")
     if run.step >= plan.steps:  # finished before (the driver says so); nothing left to do
@@ -74,6 +75,20 @@ def train_worker(plan_dict: dict[str, Any]) -> None:
         reporter.say(f"stopped at step {run.step}: {stop.reason}")
     mark("train_done", rank=me.rank)
     reporter.close()  # not on a crash: Ray restarts the group from the last checkpoint, flushed by then
+
+
+def _placement(world: int) -> str:
+    """Where this worker group runs, 'rank 0 on node <id> (<ip>), rank 1 on ...', gathered from every
+    rank (one collective per start): on a cluster the log says which nodes a run used, before and after
+    Ray restarted it on a replacement node."""
+    import torch.distributed as dist
+
+    here = f"node {ray.get_runtime_context().get_node_id()} ({ray.util.get_node_ip_address()})"
+    where: list[Any] = [here]
+    if world > 1 and dist.is_initialized():
+        where = [None] * world
+        dist.all_gather_object(where, here)
+    return ", ".join(f"rank {rank} on {node}" for rank, node in enumerate(where))
 
 
 def _train(me: _Worker, task: Any, run: RunState, mine: RankState, reporter: Reporter) -> None:

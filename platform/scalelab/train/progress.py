@@ -20,6 +20,7 @@ from typing import Any
 
 import ray
 from ray.util.queue import Empty, Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 __all__ = ["flush", "progress_channel", "send"]
 
@@ -28,7 +29,10 @@ __all__ = ["flush", "progress_channel", "send"]
 def progress_channel(handle: Callable[[dict[str, Any]], None]) -> Iterator[Queue]:
     """The queue to give the workers; every item they sent (and flushed) reaches `handle` before this
     exits."""
-    queue = Queue(actor_options={"num_cpus": 0})
+    # The queue's actor lives on this process's node: placed anywhere, it could sit on a worker node, and
+    # when that node is lost the group Ray restarts would fail on its first report to the dead queue.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     stop = threading.Event()
 
     def pump() -> None:
@@ -54,5 +58,9 @@ def send(queue: Queue | None, item: dict[str, Any]) -> None:
 
 def flush(queue: Queue | None) -> None:
     """Wait until every item sent from this process has arrived (no-op without a queue)."""
-    if queue is not None:
+    if queue is None:
+        return
+    # The queue dies only with the driver's node, and then this run's driver is gone too: progress is
+    # for display, so a lost queue ends nothing here.
+    with contextlib.suppress(ray.exceptions.RayActorError):
         ray.get(queue.actor.qsize.remote())
