@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import posixpath
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -264,7 +266,7 @@ class RunHandle:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self._client: mlflow.MlflowClient | None = None
-        self._pending: list[Any] = []  # MLflow's RunOperations of asynchronous batches
+        self._writer: _MetricWriter | None = None  # the child process of asynchronous batches
 
     @property
     def client(self) -> mlflow.MlflowClient:
@@ -326,8 +328,10 @@ class RunHandle:
         whose `step` the run already holds: MLflow appends every entry, so a resumed worker replaying
         the steps between its checkpoint and the interruption would otherwise log them twice.
 
-        `synchronous=False` hands the batch to MLflow's async logging thread and returns at once (the
-        timestamp is still now); `flush()` waits for every such batch and raises the first failure."""
+        `synchronous=False` hands the batch to a child process that stores it (`start_writer`) and
+        returns at once (the timestamp is still now); `flush()` waits for every such batch and raises
+        the first failure. A process, not MLflow's async logging thread: that thread's SQLAlchemy work
+        holds the GIL for ~6 ms per batch and stalls a training loop in the same process by as much."""
         timestamp = int(time.time() * 1000)
         done = logged or {}
         entries = [
@@ -336,16 +340,32 @@ class RunHandle:
             if value is not None and int(step) > done.get(key, -1)
         ]
         for chunk in _chunks(entries, MAX_METRICS_PER_BATCH):
-            pending = self.client.log_batch(self.run_id, metrics=chunk, synchronous=synchronous)
-            if not synchronous and pending is not None:
-                self._pending.append(pending)
+            if synchronous:
+                self.client.log_batch(self.run_id, metrics=chunk)
+            else:
+                self.start_writer().send([[m.key, m.value, m.timestamp, m.step] for m in chunk])
         return [m.key for m in entries]
+
+    def start_writer(self) -> _MetricWriter:
+        """The child process of asynchronous batches, started on first use (start it early to have its
+        imports done by the first logging step)."""
+        if self._writer is None:
+            self._writer = _MetricWriter(self.tracking_uri, self.run_id)
+        return self._writer
 
     def flush(self) -> None:
         """Wait until every `synchronous=False` batch is stored; MlflowException if one failed."""
-        pending, self._pending = self._pending, []
-        for operations in pending:
-            operations.wait()
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        """`flush`, then end the writer process (a later asynchronous batch starts another)."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            try:
+                writer.flush()
+            finally:
+                writer.stop()
 
     def history(self, key: str) -> dict[int, float]:
         """{step: value} of one metric (the last value where a step was logged more than once)."""
@@ -414,3 +434,68 @@ def code_version() -> dict[str, str]:
         tags["scalelab.git_dirty"] = str(bool(status.strip())).lower()
     return tags
 
+
+
+class _MetricWriter:
+    """A child process that stores one run's metric batches in the order they were sent.
+
+    Messages are JSON lines on its stdin (the first names the run: a tracking URI may hold a password,
+    which a command line would show to `ps`); a flush is answered on its stdout with the first failure
+    since the previous flush, or none. The child ends at EOF, so it also ends when its parent dies."""
+
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        code = "from scalelab.tracking import serve_metric_writes; serve_metric_writes()"
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        self._send({"tracking_uri": tracking_uri, "run_id": run_id})
+
+    def _send(self, message: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(json.dumps(message) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            raise MlflowException(f"the MLflow metric writer exited (code {self.proc.wait()})") from None
+
+    def send(self, metrics: list[list[Any]]) -> None:
+        self._send({"metrics": metrics})
+
+    def flush(self) -> None:
+        self._send({"flush": True})
+        assert self.proc.stdout is not None
+        answer = self.proc.stdout.readline()
+        if not answer:
+            raise MlflowException(f"the MLflow metric writer exited (code {self.proc.wait()})")
+        error = json.loads(answer)["error"]
+        if error:
+            raise MlflowException(f"storing metrics failed: {error}")
+
+    def stop(self) -> None:
+        assert self.proc.stdin is not None
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def serve_metric_writes(stdin: Any = None, stdout: Any = None) -> None:
+    """The writer process's loop (`_MetricWriter`): store each batch; answer each flush."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    first = json.loads(stdin.readline() or "{}")
+    if not first:
+        return
+    handle, error = RunHandle(first["tracking_uri"], first["run_id"]), None
+    for line in stdin:
+        message = json.loads(line)
+        if "flush" in message:
+            stdout.write(json.dumps({"error": error}) + "\n")
+            stdout.flush()
+            error = None
+        elif error is None:  # after a failure, later batches are dropped until a flush reports it
+            try:
+                handle.client.log_batch(handle.run_id, metrics=[Metric(*m) for m in message["metrics"]])
+            except Exception as err:  # reported to the parent, which raises
+                error = f"{type(err).__name__}: {err}"

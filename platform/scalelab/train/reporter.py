@@ -39,6 +39,7 @@ class Reporter:
             from scalelab.tracking import RunHandle
 
             self.handle = RunHandle(plan.tracking_uri, plan.mlflow_run_id)
+            self.handle.start_writer()  # its imports run beside the first steps, not in the first log
         self._t0, self._s0 = time.perf_counter(), run.step
         self._last_t, self._last_step = self._t0, run.step
         self._logged = self.handle.last_steps() if self.handle else {}
@@ -69,7 +70,7 @@ class Reporter:
             return
         values = {k: float(v) for k, v in metrics.items() if v is not None}
         send(self.progress, {**values, "step": step})
-        if self.handle:  # asynchronous: MLflow's thread writes while the next steps run (flushed at reports)
+        if self.handle:  # asynchronous: a writer process stores it as training goes on (flushed at reports)
             self.handle.log_metrics(values, step, logged=self._logged, synchronous=False)
             before = self._logged_loss.get(step)
             if before is not None and repr(before) != repr(values["train/loss"]):  # exact; NaN == NaN
@@ -94,7 +95,7 @@ class Reporter:
         """Everything logged is in MLflow and everything sent has reached the driver (rank 0; before
         the worker returns)."""
         if self.handle:
-            self.handle.flush()
+            self.handle.close()
         flush(self.progress)
 
     def report(self, run: RunState, metrics: dict[str, Any], evaluated: dict[str, float] | None,
