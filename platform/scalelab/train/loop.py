@@ -29,7 +29,7 @@ from scalelab.train.evaluator import Evaluator
 from scalelab.train.failures import Failure, RunStopped, write_failure
 from scalelab.train.faults import maybe_inject_fault
 from scalelab.train.plan import PROGRESS_KEY, WorkerPlan
-from scalelab.train.reporter import Reporter
+from scalelab.train.reporter import Reporter, run_handle
 from scalelab.train.step import NonFiniteGuard, NonFiniteRunError
 from scalelab.train.stream import DataStream, quiet_data_progress
 from scalelab.train.task import make_task
@@ -57,10 +57,11 @@ def train_worker(plan_dict: dict[str, Any]) -> None:
     cfg = plan.experiment
     torch.set_num_threads(cfg.train.threads_per_worker or max(1, round(cfg.train.cpus_per_worker + 0.49)))
     quiet_data_progress()
+    handle = run_handle(plan, me.rank)
     task = make_task(cfg, me.rank, me.world)
     mark("engine_built", rank=me.rank)
     run, mine = _start_or_resume(me, task)
-    reporter = Reporter(plan, me.rank, run, progress)
+    reporter = Reporter(plan, me.rank, run, progress, handle)
     mark("reporter_ready", rank=me.rank)
     reporter.say(_placement(me.world))
     if run.step > 0:

@@ -25,21 +25,29 @@ from scalelab.train.checkpoint import RunState, checkpoint_name
 from scalelab.train.plan import WorkerPlan
 from scalelab.train.progress import flush, send
 
-__all__ = ["Reporter"]
+__all__ = ["Reporter", "run_handle"]
+
+
+def run_handle(plan: WorkerPlan, rank: int) -> Any:
+    """Rank 0's MLflow run (None elsewhere, or without a run), its writer process already started: called
+    before the engine is built, the writer's imports run beside that instead of beside the first steps."""
+    if rank != 0 or not (plan.mlflow_run_id and plan.tracking_uri):
+        return None
+    from scalelab.tracking import RunHandle
+
+    handle = RunHandle(plan.tracking_uri, plan.mlflow_run_id)
+    handle.start_writer()
+    return handle
 
 
 class Reporter:
     """Every rank has one; only rank 0's talks to MLflow and the console."""
 
-    def __init__(self, plan: WorkerPlan, rank: int, run: RunState, progress: Any = None) -> None:
+    def __init__(self, plan: WorkerPlan, rank: int, run: RunState, progress: Any = None,
+                 handle: Any = None) -> None:
         self.cfg, self.rank = plan.experiment, rank
         self.progress = progress if rank == 0 else None
-        self.handle: Any = None
-        if rank == 0 and plan.mlflow_run_id and plan.tracking_uri:
-            from scalelab.tracking import RunHandle
-
-            self.handle = RunHandle(plan.tracking_uri, plan.mlflow_run_id)
-            self.handle.start_writer()  # its imports run beside the first steps, not in the first log
+        self.handle = handle if rank == 0 else None  # `run_handle(plan, rank)`
         self._t0, self._s0 = time.perf_counter(), run.step
         self._last_t, self._last_step = self._t0, run.step
         self._logged = self.handle.last_steps() if self.handle else {}
