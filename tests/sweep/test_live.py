@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import io
 import pickle
+import threading
+import time
 
 from scalelab.console import Console, LiveView, RunTable
-from scalelab.sweep.live import LiveTrials, failure_reason
+from scalelab.sweep.live import _REFITS, Coalescing, LiveTrials, Refit, failure_reason
+from scalelab.sweep.results import SweepState
 
 
 class _Wrapped(Exception):
@@ -26,6 +29,9 @@ class _Trial:
 
     def get_pickled_error(self) -> BaseException | None:
         return self.error
+
+    def is_finished(self) -> bool:
+        return self.status in ("TERMINATED", "ERROR")
 
 
 def test_a_failed_trial_is_one_line_with_its_innermost_reason_and_the_log():
@@ -62,3 +68,49 @@ def test_the_callback_pickles_without_its_view_and_a_copy_elsewhere_does_nothing
     trial = _Trial("x", "RUNNING")
     copy.on_trial_result(0, [trial], trial, {"step": 3})  # its view is gone: no error, no row
     assert "x" not in table.rows
+
+
+def test_coalescing_runs_in_the_background_once_more_for_requests_during_a_run_and_close_drops_pending():
+    started, release, runs = threading.Event(), threading.Event(), []
+
+    def work() -> None:
+        runs.append(threading.current_thread().name)
+        started.set()
+        release.wait(timeout=30)
+
+    background = Coalescing(work, name="refit-test")
+    background.request()
+    assert started.wait(timeout=30)  # the caller did not wait for it: it is still running
+    for _ in range(3):  # three requests while it runs: one more run, not three
+        background.request()
+    started.clear()
+    release.set()
+    assert started.wait(timeout=30)
+    time.sleep(0.2)
+    assert runs == ["refit-test", "refit-test"]
+    release.clear()
+    started.clear()
+    background.request()
+    assert started.wait(timeout=30)
+    background.request()  # pending when close() comes: dropped
+    threading.Timer(0.2, release.set).start()
+    background.close()  # returns once the running one ended
+    assert len(runs) == 3 and not background._thread.is_alive()
+
+
+def test_refit_is_requested_after_each_trial_but_the_last(tmp_path):
+    state = SweepState(name="s", tracking_uri=f"sqlite:///{tmp_path}/m.db", experiment_id="1",
+                       parent_run_id="p", metric="m", robustness_metric=None, predict_compute=None,
+                       trials=[{"name": "a"}, {"name": "b"}])
+    refit = pickle.loads(pickle.dumps(Refit(state)))  # Tune keeps pickled copies of its callbacks
+    requests: list[str] = []
+    served = threading.Event()
+    _REFITS[refit.key] = Coalescing(lambda: (requests.append("refit"), served.set()), name="refit-s")
+    a, b = _Trial("a", "RUNNING"), _Trial("b", "RUNNING")
+    refit.on_trial_complete(1, [a, b], a)  # `b` still runs: the plots are refreshed
+    assert served.wait(timeout=30)
+    a.status = "TERMINATED"
+    refit.on_trial_complete(2, [a, b], b)  # the last one: the final analysis follows, no refit
+    time.sleep(0.2)  # (a wrongly requested refit would run now)
+    refit.close()
+    assert requests == ["refit"] and refit.key not in _REFITS
