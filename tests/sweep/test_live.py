@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import threading
 import time
@@ -71,14 +72,16 @@ def test_the_callback_pickles_without_its_view_and_a_copy_elsewhere_does_nothing
 
 
 def test_coalescing_runs_in_the_background_once_more_for_requests_during_a_run_and_close_drops_pending():
-    started, release, runs = threading.Event(), threading.Event(), []
+    started, release, runs, nices = threading.Event(), threading.Event(), [], []
 
     def work() -> None:
         runs.append(threading.current_thread().name)
+        nices.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
         started.set()
         release.wait(timeout=30)
 
-    background = Coalescing(work, name="refit-test")
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    background = Coalescing(work, name="refit-test", nice=5)
     background.request()
     assert started.wait(timeout=30)  # the caller did not wait for it: it is still running
     for _ in range(3):  # three requests while it runs: one more run, not three
@@ -96,6 +99,9 @@ def test_coalescing_runs_in_the_background_once_more_for_requests_during_a_run_a
     threading.Timer(0.2, release.set).start()
     background.close()  # returns once the running one ended
     assert len(runs) == 3 and not background._thread.is_alive()
+    # the background thread runs niced; the caller's own priority is untouched
+    assert set(nices) == {min(mine + 5, 19)}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
 
 
 def test_refit_is_requested_after_each_trial_but_the_last(tmp_path):

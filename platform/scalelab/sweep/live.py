@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import sys
 import tempfile
 import threading
@@ -95,7 +97,8 @@ class Refit(Callback):
             return  # the last trial: the sweep's final analysis follows at once
         if self.key not in _REFITS:
             work = functools.partial(_refit, self.state)
-            _REFITS[self.key] = Coalescing(work, name=f"refit-{self.state.name}")
+            # niced: on a machine the trials fill, their start-up (process starts, imports) goes first
+            _REFITS[self.key] = Coalescing(work, name=f"refit-{self.state.name}", nice=10)
         _REFITS[self.key].request()
 
     def close(self) -> None:
@@ -120,10 +123,11 @@ def _refit(state: SweepState) -> None:
 
 class Coalescing:
     """Runs `work` in one background thread whenever it was requested since its last start: requests
-    that arrive while it runs make one more run, not one each."""
+    that arrive while it runs make one more run, not one each. `nice` > 0 lowers the thread's CPU
+    priority (where the OS schedules threads by it, as Linux does)."""
 
-    def __init__(self, work: Callable[[], None], name: str) -> None:
-        self._work = work
+    def __init__(self, work: Callable[[], None], name: str, nice: int = 0) -> None:
+        self._work, self._nice = work, nice
         self._wanted = threading.Event()
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -139,6 +143,9 @@ class Coalescing:
         self._thread.join()
 
     def _loop(self) -> None:
+        if self._nice:
+            with contextlib.suppress(AttributeError, OSError):  # Linux: a thread has its own nice value
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._nice)
         while True:
             self._wanted.wait()
             if self._closing:
