@@ -54,6 +54,23 @@ def test_bad_preset_is_a_clear_config_error():
     assert "Traceback" not in out.stderr
 
 
+def test_the_command_ends_with_mains_code_after_the_exit_handlers_with_its_output_flushed(tmp_path):
+    """`entry` skips the interpreter's teardown (os._exit): what a normal exit does must still happen."""
+    path = tmp_path / "exp.yaml"
+    path.write_text("model:\n  preset: micro\n")
+    out = _console_script("config", str(path))  # stdout is a pipe: block-buffered until flushed
+    assert out.returncode == 0, out.stderr
+    assert "resolved_model:" in out.stdout and out.stdout == _run("config", str(path)).stdout  # all of it
+    marker = tmp_path / "handler-ran"
+    code = ("import atexit, pathlib, sys; from scalelab import cli; "
+            f"atexit.register(lambda: pathlib.Path({str(marker)!r}).write_text('yes')); "
+            "sys.stdout.write('written, not flushed'); "
+            "sys.argv = ['scalelab', 'config', '--set', 'model.preset=gigantic']; cli.entry()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and "gigantic" in done.stderr  # main's code: a config error
+    assert marker.read_text() == "yes" and done.stdout == "written, not flushed"
+
+
 def test_unknown_field_is_a_clear_config_error():
     out = _run("config", "--set", "optim.learning_rate=0.1")
     assert out.returncode == 2

@@ -15,12 +15,14 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import os
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -330,5 +332,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def entry() -> NoReturn:
+    """The `scalelab` command: `main`, then an exit without the interpreter's teardown. After a run,
+    Python spent ~2.5 s on 2 cores finalising the thousands of modules torch, Ray, DeepSpeed and MLflow
+    leave loaded (every atexit handler had finished in 0.02 s); the exit handlers still run (logging's
+    flush, Ray's and MLflow's shutdown), then the standard streams are flushed and the process ends."""
+    code = main()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
