@@ -227,26 +227,3 @@ def test_two_commands_creating_one_new_sqlite_store_at_once_both_succeed(tmp_pat
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
     assert len({out.strip() for out, _ in outs}) == 1  # one experiment, found by both
 
-
-def test_asynchronous_batches_are_stored_in_order_by_a_writer_process_and_flush_reports_failures(store):
-    uri, exp_id, client = store
-    handle = tracking.start_or_resume_run(uri, exp_id, run_name="async")
-    for step in range(1, 41):
-        handle.log_metrics({"train/loss": 1.0 / step, "train/lr": float("nan") if step == 7 else 0.1}, step,
-                           synchronous=False)
-    writer = handle.start_writer().proc
-    handle.flush()  # everything sent is stored once flush returns
-    history = client.get_metric_history(handle.run_id, "train/loss")
-    assert [(m.step, m.value) for m in history] == [(s, 1.0 / s) for s in range(1, 41)]
-    lr = {m.step: m.value for m in client.get_metric_history(handle.run_id, "train/lr")}
-    assert math.isnan(lr[7]) and lr[8] == 0.1
-    assert writer.poll() is None  # the same process serves the next batches
-
-    # A batch the store refuses (a value MLflow cannot take for a metric) is reported by the next flush.
-    handle.start_writer().send([["train/loss", "not a number", 0, 41]])
-    with pytest.raises(mlflow.exceptions.MlflowException, match="storing metrics failed"):
-        handle.flush()
-    handle.log_metrics({"train/loss": 0.5}, 42, synchronous=False)
-    handle.close()  # the failure was reported once; later batches are stored again
-    assert writer.wait(timeout=30) == 0
-    assert [m.step for m in client.get_metric_history(handle.run_id, "train/loss")][-1] == 42

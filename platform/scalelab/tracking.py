@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import posixpath
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -266,7 +264,6 @@ class RunHandle:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self._client: mlflow.MlflowClient | None = None
-        self._writer: _MetricWriter | None = None  # the child process of asynchronous batches
 
     @property
     def client(self) -> mlflow.MlflowClient:
@@ -319,7 +316,7 @@ class RunHandle:
 
     def log_metrics(
         self, metrics: Mapping[str, float | None], step: int, *, logged: Mapping[str, int] | None = None,
-        synchronous: bool = True,
+        timestamp: int | None = None,
     ) -> list[str]:
         """Log metrics at `step` (the global step / samples seen, never Tune's iteration, which resets on
         resume) in one `log_batch`; returns the keys logged. None values are dropped; NaN/inf are logged
@@ -327,12 +324,8 @@ class RunHandle:
         `metric_key`. `logged` ({key: last step already in the run}, from `last_steps`) drops the keys
         whose `step` the run already holds: MLflow appends every entry, so a resumed worker replaying
         the steps between its checkpoint and the interruption would otherwise log them twice.
-
-        `synchronous=False` hands the batch to a child process that stores it (`start_writer`) and
-        returns at once (the timestamp is still now); `flush()` waits for every such batch and raises
-        the first failure. A process, not MLflow's async logging thread: that thread's SQLAlchemy work
-        holds the GIL for ~6 ms per batch and stalls a training loop in the same process by as much."""
-        timestamp = int(time.time() * 1000)
+        `timestamp`: milliseconds since the epoch (default now)."""
+        timestamp = int(time.time() * 1000) if timestamp is None else int(timestamp)
         done = logged or {}
         entries = [
             Metric(metric_key(key), float(value), timestamp, int(step))
@@ -340,32 +333,8 @@ class RunHandle:
             if value is not None and int(step) > done.get(key, -1)
         ]
         for chunk in _chunks(entries, MAX_METRICS_PER_BATCH):
-            if synchronous:
-                self.client.log_batch(self.run_id, metrics=chunk)
-            else:
-                self.start_writer().send([[m.key, m.value, m.timestamp, m.step] for m in chunk])
+            self.client.log_batch(self.run_id, metrics=chunk)
         return [m.key for m in entries]
-
-    def start_writer(self) -> _MetricWriter:
-        """The child process of asynchronous batches, started on first use (start it early to have its
-        imports done by the first logging step)."""
-        if self._writer is None:
-            self._writer = _MetricWriter(self.tracking_uri, self.run_id)
-        return self._writer
-
-    def flush(self) -> None:
-        """Wait until every `synchronous=False` batch is stored; MlflowException if one failed."""
-        if self._writer is not None:
-            self._writer.flush()
-
-    def close(self) -> None:
-        """`flush`, then let the writer process end (a later asynchronous batch starts another)."""
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            try:
-                writer.flush()
-            finally:
-                writer.stop()
 
     def history(self, key: str) -> dict[int, float]:
         """{step: value} of one metric (the last value where a step was logged more than once)."""
@@ -433,66 +402,3 @@ def code_version() -> dict[str, str]:
         tags["scalelab.git_sha"] = sha
         tags["scalelab.git_dirty"] = str(bool(status.strip())).lower()
     return tags
-
-
-
-class _MetricWriter:
-    """A child process that stores one run's metric batches in the order they were sent.
-
-    Messages are JSON lines on its stdin (the first names the run: a tracking URI may hold a password,
-    which a command line would show to `ps`); a flush is answered on its stdout with the first failure
-    since the previous flush, or none. The child ends at EOF, so it also ends when its parent dies."""
-
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
-        code = "from scalelab.tracking import serve_metric_writes; serve_metric_writes()"
-        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
-        self._send({"tracking_uri": tracking_uri, "run_id": run_id})
-
-    def _send(self, message: dict[str, Any]) -> None:
-        assert self.proc.stdin is not None
-        try:
-            self.proc.stdin.write(json.dumps(message) + "\n")
-            self.proc.stdin.flush()
-        except BrokenPipeError:
-            raise MlflowException(f"the MLflow metric writer exited (code {self.proc.wait()})") from None
-
-    def send(self, metrics: list[list[Any]]) -> None:
-        self._send({"metrics": metrics})
-
-    def flush(self) -> None:
-        self._send({"flush": True})
-        assert self.proc.stdout is not None
-        answer = self.proc.stdout.readline()
-        if not answer:
-            raise MlflowException(f"the MLflow metric writer exited (code {self.proc.wait()})")
-        error = json.loads(answer)["error"]
-        if error:
-            raise MlflowException(f"storing metrics failed: {error}")
-
-    def stop(self) -> None:
-        """End of input: the process exits once it has read it. Not waited for: after a flush it has
-        nothing left to store, and its interpreter's shutdown (~0.8 s) would delay the run's end."""
-        assert self.proc.stdin is not None
-        with contextlib.suppress(OSError):
-            self.proc.stdin.close()
-
-
-def serve_metric_writes(stdin: Any = None, stdout: Any = None) -> None:
-    """The writer process's loop (`_MetricWriter`): store each batch; answer each flush."""
-    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    first = json.loads(stdin.readline() or "{}")
-    if not first:
-        return
-    handle, error = RunHandle(first["tracking_uri"], first["run_id"]), None
-    for line in stdin:
-        message = json.loads(line)
-        if "flush" in message:
-            stdout.write(json.dumps({"error": error}) + "\n")
-            stdout.flush()
-            error = None
-        elif error is None:  # after a failure, later batches are dropped until a flush reports it
-            try:
-                handle.client.log_batch(handle.run_id, metrics=[Metric(*m) for m in message["metrics"]])
-            except Exception as err:  # reported to the parent, which raises
-                error = f"{type(err).__name__}: {err}"

@@ -105,14 +105,12 @@ def launch(cfg: ExperimentConfig, *, parent_run_id: str | None = None, tags: dic
     clear_failure(run_dir(cfg))
     plan = WorkerPlan(cfg, handle.run_id, uri, _macs_per_sample(cfg),
                       str(resume.checkpoint) if resume.checkpoint else None)
-    try:
-        if progress is None:
-            _fit(plan, callbacks or [])
-        else:
-            from scalelab.train.progress import progress_channel
+    from scalelab.train.progress import channel
+    from scalelab.train.sink import RunSink
 
-            with progress_channel(progress) as queue:
-                _fit(plan, callbacks or [], queue)
+    try:
+        with channel(RunSink(handle, progress)) as sender:
+            _fit(plan, callbacks or [], sender)
     except KeyboardInterrupt:
         handle.finish("KILLED")
         raise
@@ -260,9 +258,8 @@ def _macs_per_sample(cfg: ExperimentConfig) -> int:
     return stats.macs_per_sample
 
 
-def _fit(plan: WorkerPlan, callbacks: list[Any], progress: Any = None) -> Any:
+def _fit(plan: WorkerPlan, callbacks: list[Any], sender: Any) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from scalelab.train.loop import train_worker
 
@@ -281,9 +278,9 @@ def _fit(plan: WorkerPlan, callbacks: list[Any], progress: Any = None) -> Any:
     # Ray restores its own checkpoint bookkeeping from `<storage>/<name>` when it finds it, but a driver
     # killed between writing a checkpoint and recording it leaves a checkpoint Ray does not know: the
     # plan names the newest complete one on storage (Train V2 has no resume_from_checkpoint).
-    trainer = TorchTrainer(
+    trainer = _trainer_class()(
         train_worker,
-        train_loop_config={**plan.to_dict(), PROGRESS_KEY: progress},
+        train_loop_config={**plan.to_dict(), PROGRESS_KEY: sender},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -342,3 +339,21 @@ def release_ray() -> None:
 
     _OWNED.clear()
     ray.shutdown()
+
+
+def _trainer_class() -> type:
+    """Ray Train's `TorchTrainer`, less the Ray Data actor it starts for every fit when the trainer is
+    given no datasets (scalelab's workers read their shards themselves: `train.stream`). That actor is
+    one more Python process importing Ray Data per run, beside the worker's own start on the same
+    cores (BENCHMARKS.md, *Fixed cost of a sweep trial*)."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list[Any]:
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:
+                return callbacks
+            return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
+    return Trainer

@@ -3,7 +3,8 @@
 `train_worker(plan_dict)` runs in every worker process. The driver (`launch`) decided everything a
 worker must not decide alone and sent it as a `WorkerPlan` dict; the first line makes it typed again.
 Every rank calls the collectives (the data stream's epoch agreement, steps, evaluation, reports,
-checkpoints) at the same steps; rank 0 alone logs to MLflow and prints the progress line.
+checkpoints) at the same steps; rank 0 alone sends metrics to the driver (which stores them in MLflow)
+and prints the progress line.
 
     plan → task (engine, seeds) → start or resume → data stream, reporter, evaluator →
     for each step: batch → task.step → count non-finite skips → log → evaluate → report / checkpoint
@@ -29,7 +30,7 @@ from scalelab.train.evaluator import Evaluator
 from scalelab.train.failures import Failure, RunStopped, write_failure
 from scalelab.train.faults import maybe_inject_fault
 from scalelab.train.plan import PROGRESS_KEY, WorkerPlan
-from scalelab.train.reporter import Reporter, run_handle
+from scalelab.train.reporter import Reporter
 from scalelab.train.step import NonFiniteGuard, NonFiniteRunError
 from scalelab.train.stream import DataStream, quiet_data_progress
 from scalelab.train.task import make_task
@@ -51,17 +52,16 @@ def train_worker(plan_dict: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker (see the module docstring)."""
     mark("worker_entered")
     plan = WorkerPlan.from_dict(plan_dict)
-    progress = plan_dict.get(PROGRESS_KEY)
+    sender = plan_dict.get(PROGRESS_KEY)
     ctx = ray.train.get_context()
     me = _Worker(plan, ctx.get_world_rank(), ctx.get_world_size())
     cfg = plan.experiment
     torch.set_num_threads(cfg.train.threads_per_worker or max(1, round(cfg.train.cpus_per_worker + 0.49)))
     quiet_data_progress()
-    handle = run_handle(plan, me.rank)
     task = make_task(cfg, me.rank, me.world)
     mark("engine_built", rank=me.rank)
     run, mine = _start_or_resume(me, task)
-    reporter = Reporter(plan, me.rank, run, progress, handle)
+    reporter = Reporter(plan, me.rank, run, sender)
     mark("reporter_ready", rank=me.rank)
     reporter.say(_placement(me.world))
     if run.step > 0:

@@ -17,7 +17,7 @@ from scalelab.storage import Location
 
 __all__ = ["PROGRESS_KEY", "WorkerPlan"]
 
-# The train-loop config's entry beside the plan: the driver's progress queue (`train.progress`) or None.
+# The train-loop config's entry beside the plan: rank 0's channel to the driver (`train.progress.Sender`).
 PROGRESS_KEY = "progress"
 
 

@@ -1,0 +1,54 @@
+"""The driver's end of rank 0's channel (`train.progress`) for one run: MLflow, then the live view.
+
+Metrics are stored in the run at step = global step, and only past the last step the run already holds
+(when the run started, or since: a worker group Ray restarts within the run): a restarted group replays
+the steps after its checkpoint bit for bit, and MLflow appends, so a replayed step would otherwise appear
+twice. The replayed loss is checked against the logged one (exact;
+NaN == NaN): a difference comes back to rank 0 as a note, said at its next report. A driver module: the
+workers never import it (no MLflow in a training worker).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from scalelab.tracking import RunHandle
+
+__all__ = ["RunSink"]
+
+
+class RunSink:
+    """`consume` for `progress.channel`: items of the run `handle` are stored in it; each metrics item
+    then goes to `progress` (with its `step`), if given. Items of another run (a late one of the
+    driver's previous run) are dropped."""
+
+    def __init__(self, handle: RunHandle, progress: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.handle, self.progress = handle, progress
+        self.logged = handle.last_steps()  # {key: last step the run holds}
+        self.loss = handle.history("train/loss") if "train/loss" in self.logged else {}
+
+    def __call__(self, items: list[dict[str, Any]]) -> tuple[list[str], str | None]:
+        notes: list[str] = []
+        for item in items:
+            if item.get("run") != self.handle.run_id:
+                continue
+            if "dict" in item:
+                self.handle.log_dict(item["dict"], item["file"])
+                continue
+            step, metrics = item["step"], item["metrics"]
+            notes += self._replayed(step, metrics)
+            for key in self.handle.log_metrics(metrics, step, logged=self.logged, timestamp=item["t"]):
+                self.logged[key] = step  # a worker group Ray restarts replays it again
+                if key == "train/loss":
+                    self.loss[step] = metrics[key]
+            if self.progress is not None:
+                self.progress({**metrics, "step": step})
+        return notes, None
+
+    def _replayed(self, step: int, metrics: dict[str, float]) -> list[str]:
+        before, now = self.loss.get(step), metrics.get("train/loss")
+        if before is None or now is None or repr(float(before)) == repr(float(now)):
+            return []
+        return [f"warning: replayed step {step} gives loss {now!r}, the run logged {before!r} (kept): "
+                "this run is not reproducible here"]

@@ -1,0 +1,93 @@
+"""scalelab.train.progress: rank 0's channel to the driver, on a real local Ray (the sender in a Ray task,
+as rank 0 is in a Ray Train worker)."""
+
+import threading
+
+import pytest
+import ray
+
+from scalelab.train.progress import ChannelError, Sender, channel
+
+
+@ray.remote(num_cpus=0)
+def _rank0(sender: Sender, items: list[dict], flush_after: int | None = None) -> list:
+    """Send `items` (flushing after the first `flush_after`), then flush: what each flush returned or
+    raised, as rank 0 sees it."""
+    seen = []
+    for i, item in enumerate(items, 1):
+        sender.send(item)
+        if i == flush_after:
+            try:
+                seen.append(sender.flush())
+            except ChannelError as err:
+                seen.append(f"ChannelError: {err}")
+    seen.append(sender.flush())
+    return seen
+
+
+class _Driver:
+    """A `consume` that records what it got, slowly (a flush must wait for it), and says or fails what
+    an item asks it to."""
+
+    def __init__(self) -> None:
+        self.got: list[int] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, items):
+        notes, error = [], None
+        for item in items:
+            threading.Event().wait(0.01)
+            with self.lock:
+                self.got.append(item["i"])
+            notes += [f"note {item['i']}"] if item.get("note") else []
+            if item.get("fail"):
+                raise RuntimeError(f"cannot store {item['i']}")
+        return notes, error
+
+
+def test_items_arrive_in_order_and_a_flush_waits_until_the_driver_handled_them(local_ray):
+    driver = _Driver()
+    with channel(driver) as sender:
+        seen = ray.get(_rank0.remote(sender, [{"i": i, "note": i == 7} for i in range(40)], flush_after=20))
+        # Each flush returned only once everything sent before it was handled, with the notes since the
+        # previous flush.
+        assert seen == [["note 7"], []]
+        with driver.lock:
+            assert driver.got == list(range(40))
+
+
+def test_a_failure_of_the_driver_is_raised_by_the_next_flush_once(local_ray):
+    driver = _Driver()
+    with channel(driver) as sender:
+        items = [{"i": 0}, {"i": 1, "fail": True}, {"i": 2}]
+        seen = ray.get(_rank0.remote(sender, items, flush_after=2))
+    assert seen[0] == "ChannelError: RuntimeError: cannot store 1"
+    assert seen[1] == []  # reported once; the channel goes on
+    assert 2 in driver.got
+
+
+def test_the_next_run_of_a_driver_reuses_its_hub_while_it_lives(local_ray):
+    """A sweep's trial actor runs trial after trial: one hub (an actor process) for all of them."""
+    failing = _Driver()
+    with channel(failing) as first:  # a run that ends (crashes) without its last flush
+        first.send({"i": 0, "fail": True, "note": True})
+        while not failing.got:
+            threading.Event().wait(0.01)
+    with channel(_Driver()) as second:
+        assert second.hub._actor_id == first.hub._actor_id
+        assert ray.get(_rank0.remote(second, [{"i": 1}])) == [[]]  # nothing of the run before
+    ray.kill(second.hub)
+    driver = _Driver()
+    with channel(driver) as third:  # a lost hub is replaced
+        assert third.hub._actor_id != first.hub._actor_id
+        assert ray.get(_rank0.remote(third, [{"i": 5}])) == [[]]
+    assert driver.got == [5]
+
+
+def test_a_flush_raises_when_the_driver_is_gone(local_ray):
+    with channel(_Driver()) as sender:
+        ray.kill(sender.hub)  # takes effect soon after, not at once
+        with pytest.raises(ray.exceptions.RayActorError):
+            for _ in range(300):
+                sender.flush()
+                threading.Event().wait(0.1)
