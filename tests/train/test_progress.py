@@ -25,6 +25,15 @@ def _rank0(sender: Sender, items: list[dict], flush_after: int | None = None) ->
     return seen
 
 
+def _kill(hub) -> None:
+    """`ray.kill`, which takes effect soon after, not at once: wait until the hub answers no more."""
+    ray.kill(hub)
+    with pytest.raises(ray.exceptions.RayActorError):
+        for _ in range(600):
+            ray.get(hub.collect.remote(0))
+            threading.Event().wait(0.05)
+
+
 class _Driver:
     """A `consume` that records what it got, slowly (a flush must wait for it), and says or fails what
     an item asks it to."""
@@ -76,7 +85,7 @@ def test_the_next_run_of_a_driver_reuses_its_hub_while_it_lives(local_ray):
     with channel(_Driver()) as second:
         assert second.hub._actor_id == first.hub._actor_id
         assert ray.get(_rank0.remote(second, [{"i": 1}])) == [[]]  # nothing of the run before
-    ray.kill(second.hub)
+    _kill(second.hub)
     driver = _Driver()
     with channel(driver) as third:  # a lost hub is replaced
         assert third.hub._actor_id != first.hub._actor_id
@@ -86,8 +95,6 @@ def test_the_next_run_of_a_driver_reuses_its_hub_while_it_lives(local_ray):
 
 def test_a_flush_raises_when_the_driver_is_gone(local_ray):
     with channel(_Driver()) as sender:
-        ray.kill(sender.hub)  # takes effect soon after, not at once
+        _kill(sender.hub)
         with pytest.raises(ray.exceptions.RayActorError):
-            for _ in range(300):
-                sender.flush()
-                threading.Event().wait(0.1)
+            sender.flush()
