@@ -48,6 +48,7 @@ _PASSTHROUGH_ENV = (*FAULT_ENV, TIMELINE_ENV, "HF_HUB_OFFLINE", "MLFLOW_DISABLE_
 _UNLOGGED_PARAMS = ("run.tracking_uri",)
 _POLL_ENV, _POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"
 _START_TIMEOUT_ENV, _START_TIMEOUT_S = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "1800"
+_LOCAL_ENV = "SCALELAB_LOCAL_RAY"  # set by ensure_ray for the local instance it starts
 
 
 @dataclass
@@ -107,9 +108,11 @@ def launch(cfg: ExperimentConfig, *, parent_run_id: str | None = None, tags: dic
                       str(resume.checkpoint) if resume.checkpoint else None)
     from scalelab.train.progress import channel
     from scalelab.train.sink import RunSink
+    from scalelab.train.trainer import remove_leftovers
 
+    sink = RunSink(handle, progress)
     try:
-        with channel(RunSink(handle, progress)) as sender:
+        with channel(sink) as sender:
             _fit(plan, callbacks or [], sender)
     except KeyboardInterrupt:
         handle.finish("KILLED")
@@ -117,6 +120,8 @@ def launch(cfg: ExperimentConfig, *, parent_run_id: str | None = None, tags: dic
     except BaseException:
         handle.finish("FAILED")
         raise
+    finally:
+        remove_leftovers(sink.placement_groups)  # a controller that died left its CPUs held
     mark("fit_returned")
     _raise_if_stopped(cfg, handle)
     handle.finish("FINISHED")
@@ -262,6 +267,7 @@ def _fit(plan: WorkerPlan, callbacks: list[Any], sender: Any) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
     from scalelab.train.loop import train_worker
+    from scalelab.train.trainer import PlacementGroupRecord, trainer_class
 
     cfg = plan.experiment
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
@@ -278,7 +284,7 @@ def _fit(plan: WorkerPlan, callbacks: list[Any], sender: Any) -> Any:
     # Ray restores its own checkpoint bookkeeping from `<storage>/<name>` when it finds it, but a driver
     # killed between writing a checkpoint and recording it leaves a checkpoint Ray does not know: the
     # plan names the newest complete one on storage (Train V2 has no resume_from_checkpoint).
-    trainer = _trainer_class()(
+    trainer = trainer_class(local=os.environ.get(_LOCAL_ENV) == "1")(
         train_worker,
         train_loop_config={**plan.to_dict(), PROGRESS_KEY: sender},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
@@ -289,7 +295,7 @@ def _fit(plan: WorkerPlan, callbacks: list[Any], sender: Any) -> Any:
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             worker_runtime_env={"env_vars": worker_env(cfg)},
-            callbacks=callbacks,
+            callbacks=[*callbacks, PlacementGroupRecord(plan.mlflow_run_id, sender)],
         ),
     )
     return trainer.fit()
@@ -320,8 +326,13 @@ def ensure_ray(address: str | None = None) -> bool:
             pass
     # The processes Ray starts inherit this environment. A local instance is one machine that nothing
     # drains or preempts, so Ray Train's preemption watcher (one more actor process per run, which on
-    # 2 cores costs seconds of start-up) has nothing to watch.
+    # 2 cores costs seconds of start-up) has nothing to watch. Its Prometheus metrics have no reader
+    # (no dashboard): they cost a sweep trial ~0.5 s on 2 cores. `_LOCAL_ENV` tells launch, in whichever
+    # process of this instance it runs (a sweep's trial actor), to leave out the per-fit placement-group
+    # cleaner (train/trainer.py).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
+    os.environ[_LOCAL_ENV] = "1"
     ray.init(address="local", object_store_memory=1_000_000_000, include_dashboard=False)
     _OWNED.append("local")
     return True
@@ -338,22 +349,5 @@ def release_ray() -> None:
     import ray
 
     _OWNED.clear()
+    os.environ.pop(_LOCAL_ENV, None)
     ray.shutdown()
-
-
-def _trainer_class() -> type:
-    """Ray Train's `TorchTrainer`, less the Ray Data actor it starts for every fit when the trainer is
-    given no datasets (scalelab's workers read their shards themselves: `train.stream`). That actor is
-    one more Python process importing Ray Data per run, beside the worker's own start on the same
-    cores (BENCHMARKS.md, *Fixed cost of a sweep trial*)."""
-    from ray.train.torch import TorchTrainer
-    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-
-    class Trainer(TorchTrainer):
-        def _create_default_callbacks(self) -> list[Any]:
-            callbacks = super()._create_default_callbacks()
-            if self.datasets:
-                return callbacks
-            return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
-
-    return Trainer

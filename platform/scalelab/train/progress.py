@@ -89,6 +89,11 @@ class Sender:
         """Put `item` on the channel without waiting."""
         self.hub.put.remote(item)
 
+    def deliver(self, item: dict[str, Any]) -> None:
+        """Put `item` on the channel and wait until the hub holds it (not until the driver handled it):
+        for a sender that may die right after, whose pending calls would die with it."""
+        ray.get(self.hub.put.remote(item))
+
     def flush(self) -> list[str]:
         """Wait until the driver handled everything sent before; its notes. ChannelError when handling
         failed (once per failure); Ray's actor error when the driver is gone."""

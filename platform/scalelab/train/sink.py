@@ -21,17 +21,22 @@ __all__ = ["RunSink"]
 class RunSink:
     """`consume` for `progress.channel`: items of the run `handle` are stored in it; each metrics item
     then goes to `progress` (with its `step`), if given. Items of another run (a late one of the
-    driver's previous run) are dropped."""
+    driver's previous run) are dropped. The controller sends the placement group of each worker group it
+    starts: kept in `placement_groups`, for launch to remove if the controller dies (train/trainer.py)."""
 
     def __init__(self, handle: RunHandle, progress: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.handle, self.progress = handle, progress
         self.logged = handle.last_steps()  # {key: last step the run holds}
         self.loss = handle.history("train/loss") if "train/loss" in self.logged else {}
+        self.placement_groups: list[Any] = []
 
     def __call__(self, items: list[dict[str, Any]]) -> tuple[list[str], str | None]:
         notes: list[str] = []
         for item in items:
             if item.get("run") != self.handle.run_id:
+                continue
+            if "placement_group" in item:
+                self.placement_groups.append(item["placement_group"])
                 continue
             if "dict" in item:
                 self.handle.log_dict(item["dict"], item["file"])
