@@ -36,7 +36,8 @@ def test_items_are_stored_with_their_time_then_shown_and_other_runs_items_droppe
              for s in (1, 2)]
     items.insert(1, _item("another-run", 9, **{"train/loss": 5.0}))  # a late item of the previous run
     items.append({"run": handle.run_id, "dict": {"eval/top1": 0.75}, "file": "eval/final.json"})
-    items += [{"run": handle.run_id, "placement_group": "pg-1"}, {"run": "another-run", "placement_group": "pg-0"}]
+    items += [{"run": handle.run_id, "placement_group": "pg-1"},
+              {"run": "another-run", "placement_group": "pg-0"}]
     assert sink(items) == ([], None)
     assert sink.placement_groups == ["pg-1"]  # kept for launch, not stored in the run
     assert _steps(client, handle.run_id, "train/loss") == [(1, 1.0), (2, 0.5)]

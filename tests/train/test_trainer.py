@@ -33,7 +33,8 @@ def test_the_ray_data_actor_is_left_out_without_datasets_and_the_cleaner_on_a_lo
     for local in (False, True):
         trainer = trainer_class(local=local)
         plain = trainer(_noop, run_config=run)._create_default_callbacks()
-        with_data = trainer(_noop, run_config=run, datasets={"train": lambda: None})._create_default_callbacks()
+        with_data = trainer(_noop, run_config=run, datasets={"train": lambda: None})
+        with_data = with_data._create_default_callbacks()
         assert not any(isinstance(c, DatasetsCallback) for c in plain)
         assert sum(isinstance(c, DatasetsCallback) for c in with_data) == 1
         cleaners = [isinstance(c, PlacementGroupCleanerCallback) for c in (*plain, *with_data)]
