@@ -98,3 +98,13 @@ def test_a_flush_raises_when_the_driver_is_gone(local_ray):
         _kill(sender.hub)
         with pytest.raises(ray.exceptions.RayActorError):
             sender.flush()
+
+
+def test_an_item_delivered_just_before_the_channel_closes_is_still_handed_over(local_ray):
+    """The controller's last item (train/trainer.py) comes with no flush after it: the channel hands over
+    what the hub holds when fit() returns, even while its helper thread idles between takes."""
+    driver = _Driver()
+    with channel(driver) as sender:
+        threading.Event().wait(0.3)  # the helper thread now waits between two empty takes
+        sender.deliver({"i": 1})
+    assert driver.got == [1]

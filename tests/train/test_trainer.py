@@ -45,14 +45,15 @@ def test_the_ray_data_actor_is_left_out_without_datasets_and_the_cleaner_on_a_lo
 
 
 def _kill_my_controller(config: dict) -> None:
-    """The worker SIGKILLs its run's controller (the one Ray process titled so: Ray's state API needs
-    the dashboard): a controller that dies without cleaning up."""
+    """The worker SIGKILLs its run's controller (the one process of this Ray instance titled so: Ray's
+    state API needs the dashboard): a controller that dies without cleaning up."""
     import threading
 
     import psutil
 
-    (controller,) = [p for p in psutil.process_iter(["cmdline"])
-                     if (p.info["cmdline"] or [""])[0].startswith("ray::TrainController")]
+    raylet = psutil.Process().parent()  # this Ray instance's workers are its raylet's children
+    (controller,) = [p for p in raylet.children()
+                     if (p.cmdline() or [""])[0].startswith("ray::TrainController")]
     os.kill(controller.pid, signal.SIGKILL)
     threading.Event().wait(60)  # the controller's death ends this worker (owned by it) long before
 

@@ -139,6 +139,9 @@ def channel(consume: Callable[[list[dict[str, Any]]], Handled]) -> Iterator[Send
 
     def pump() -> None:
         while True:
+            # Ends on an empty take that began after fit() returned: what was put before it (the
+            # controller's last item, say) is still handed over, not left in the hub.
+            stopping = stop.is_set()
             try:
                 items = ray.get(hub.take.remote())
             except ray.exceptions.RayError:  # Ray or the hub is gone, and with it the run: nothing to take
@@ -149,8 +152,10 @@ def channel(consume: Callable[[list[dict[str, Any]]], Handled]) -> Iterator[Send
                 except Exception as err:  # told to rank 0 by its next flush
                     notes, error = [], f"{type(err).__name__}: {err}"
                 hub.handled.remote(len(items), notes, error)
-            elif stop.wait(_TAKE_POLL_S):  # nothing left once fit() returned: rank 0 flushed before
+            elif stopping:
                 return
+            else:
+                stop.wait(_TAKE_POLL_S)
 
     thread = threading.Thread(target=pump, name="progress-channel", daemon=True)
     thread.start()
