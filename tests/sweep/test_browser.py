@@ -116,6 +116,8 @@ def _log_sweep(storage: Path) -> tuple[str, str, str, Path]:
 
     tags = MlflowClient(uri).get_experiment(experiment_id).tags
     assert tags.get("mlflow.experimentKind") == "custom_model_development", tags
+    logged = {f.path for f in MlflowClient(uri).list_artifacts(parent.run_id, "plots")}
+    assert logged == set(analysis.figures)  # each figure once, rendered once (as written under scratch)
     parent.finish()
     return uri, experiment_id, parent.run_id, Path(artifact_root)
 
