@@ -6,7 +6,7 @@ import threading
 import pytest
 import ray
 
-from scalelab.train.progress import ChannelError, Sender, channel
+from scalelab.train.progress import SEND_EVERY_S, ChannelError, Sender, channel
 
 
 @ray.remote(num_cpus=0)
@@ -40,9 +40,11 @@ class _Driver:
 
     def __init__(self) -> None:
         self.got: list[int] = []
+        self.calls = 0
         self.lock = threading.Lock()
 
     def __call__(self, items):
+        self.calls += 1
         notes, error = [], None
         for item in items:
             threading.Event().wait(0.01)
@@ -108,3 +110,37 @@ def test_an_item_delivered_just_before_the_channel_closes_is_still_handed_over(l
         threading.Event().wait(0.3)  # the helper thread now waits between two empty takes
         sender.deliver({"i": 1})
     assert driver.got == [1]
+
+
+def test_items_sent_close_together_reach_the_driver_together(local_ray):
+    """A small model logging every 10 steps sends ~8 items a second: each put, take and MLflow write is
+    CPU taken from training, so items within SEND_EVERY_S of the previous put wait for the next."""
+    driver = _Driver()
+    with channel(driver) as sender:
+        seen = ray.get(_rank0.remote(sender, [{"i": i} for i in range(40)], flush_after=20))
+        assert seen == [[], []] and driver.got == list(range(40))
+        # The first item went at once; items 2-20 with the first flush, 21-40 with the second.
+        assert driver.calls <= 3, driver.calls
+
+
+@ray.remote(num_cpus=0)
+def _paced(sender: Sender) -> None:
+    """Items without a flush: one, one at once after it (held), one after the interval, one pushed."""
+    sender.send({"i": 0})
+    sender.send({"i": 1})
+    threading.Event().wait(SEND_EVERY_S + 0.1)
+    sender.send({"i": 2})  # goes, and takes item 1 with it
+    sender.send({"i": 3})
+    sender.push()  # an evaluation's metrics, or a worker about to crash: no wait for the next send
+
+
+def test_a_held_item_goes_with_the_next_send_after_the_interval_or_with_a_push(local_ray):
+    driver = _Driver()
+    with channel(driver) as sender:
+        ray.get(_paced.remote(sender))
+        for _ in range(200):  # the driver takes every 0.1 s; no flush asks for them
+            with driver.lock:
+                if len(driver.got) == 4:
+                    break
+            threading.Event().wait(0.05)
+        assert driver.got == [0, 1, 2, 3]

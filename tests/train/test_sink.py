@@ -72,3 +72,20 @@ def test_a_resumed_run_stores_each_replayed_step_once_and_notes_a_loss_that_diff
                      _item(first.run_id, 5, **{"train/loss": 0.5})])
     assert len(notes) == 1 and "replayed step 4 gives loss 1.5, the run logged 1.0" in notes[0]
     assert _steps(client, first.run_id, "train/loss") == [(1, 4.0), (2, 3.0), (3, 2.0), (4, 1.0), (5, 0.5)]
+
+
+def test_the_steps_of_one_batch_are_stored_in_one_write(store, monkeypatch):
+    """Rank 0 sends several logging steps at once (train/progress.py): one MLflow write for all of them
+    costs the store a third of one write per step; a step the batch holds twice (an attempt's item and
+    its replay by a restarted group) is stored once, and a differing replay noted."""
+    uri, exp_id, client = store
+    handle = tracking.start_or_resume_run(uri, exp_id, run_name="r")
+    writes = []
+    real = handle.client.log_batch
+    monkeypatch.setattr(handle.client, "log_batch", lambda *a, **k: (writes.append(k), real(*a, **k))[1])
+    sink = RunSink(handle)
+    items = [_item(handle.run_id, s, **{"train/loss": 10.0 - s, "train/lr": 0.1}) for s in (1, 2, 3)]
+    notes, error = sink([*items, _item(handle.run_id, 3, **{"train/loss": 6.5})])
+    assert error is None and len(writes) == 1 and len(writes[0]["metrics"]) == 6
+    assert _steps(client, handle.run_id, "train/loss") == [(1, 9.0), (2, 8.0), (3, 7.0)]
+    assert len(notes) == 1 and "replayed step 3 gives loss 6.5, the run logged 7.0" in notes[0]

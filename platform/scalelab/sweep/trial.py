@@ -55,10 +55,21 @@ def run_trial(config: dict[str, Any], *, experiments: dict[str, dict[str, Any]],
     # `launch` hands over every item before it returns: drained after `done`, none is lost.
     while not (done.is_set() and progress.empty()):
         with contextlib.suppress(queue.Empty):
-            tune.report(progress.get(timeout=0.5))
+            tune.report(_newest(progress, progress.get(timeout=0.5)))
     if "error" in outcome:
         raise outcome["error"]
     _report_if_untrained(outcome["result"])
+
+
+def _newest(progress: queue.Queue[dict[str, Any]], first: dict[str, Any]) -> dict[str, Any]:
+    """`first` and every item queued after it, as one report: the newest value of each key. Each report
+    is work for Tune's driver (its callbacks, the trial's result files) on the cores the trials train
+    on; MLflow holds every step, Tune needs the newest (the live view, the trial's final metric)."""
+    merged = dict(first)
+    with contextlib.suppress(queue.Empty):
+        while True:
+            merged.update(progress.get_nowait())
+    return merged
 
 
 def _report_if_untrained(result: TrainResult) -> None:

@@ -74,6 +74,9 @@ def train_worker(plan_dict: dict[str, Any]) -> None:
         if me.rank == 0:
             write_failure(plan.run_dir, Failure(stop.reason, stop.kind, run.step))
         reporter.say(f"stopped at step {run.step}: {stop.reason}")
+    except BaseException:
+        reporter.abandon()
+        raise
     mark("train_done", rank=me.rank)
     reporter.close()  # not on a crash: Ray restarts the group from the last checkpoint, flushed by then
 

@@ -4,11 +4,16 @@ Rank 0 sends the metrics of every logging step and evaluation into a small actor
 (the hub). Sending is fire-and-forget — an actor call nobody waits for, well under a millisecond — where
 a `ray.train.report` is a barrier that waits for Ray Train's controller to collect it (its next worker
 poll): reporting to Ray at every logging step cost a `nano` run a third of its time (BENCHMARKS.md, *Loop
-overhead*), so Ray Train hears only the checkpoint reports. On the driver, `channel(consume)` runs a
-helper thread that takes what arrived and hands it to `consume` (store it in MLflow, show it in the live
-view, report it to Tune), then tells the hub how many items are handled. `Sender.flush` — before every
-checkpoint report and at the end — waits until every item it sent is handled, so MLflow holds every step
-up to a checkpoint, and raises what storing them failed with.
+overhead*), so Ray Train hears only the checkpoint reports. Items sent less than `SEND_EVERY_S` after
+the previous call go out together with the next one (or the next `push`/`flush`): a small model logging
+every 10 steps sends ~8 items a second, and every call, take and MLflow write they cost the driver and
+the hub is CPU time taken from training on a machine whose cores the trials fill.
+
+On the driver, `channel(consume)` runs a helper thread that takes what arrived and hands it to
+`consume` (store it in MLflow, show it in the live view, report it to Tune), then tells the hub how many
+items are handled. `Sender.flush` — before every checkpoint report and at the end — waits until every
+item it sent is handled, so MLflow holds every step up to a checkpoint, and raises what storing them
+failed with.
 
 Why MLflow is written by the driver, not by the worker: MLflow in a training worker costs its import and
 the store's first queries on the way to the first step, its SQLAlchemy work holds the GIL the training
@@ -35,6 +40,7 @@ __all__ = ["ChannelError", "Sender", "channel"]
 Handled = tuple[list[str], str | None]
 _TAKE_POLL_S = 0.1  # the driver asks for new items this often when there were none
 _FLUSH_POLL_S = 0.005
+SEND_EVERY_S = 0.5  # the most often rank 0 puts items on the channel (the live view lags by as much)
 
 
 class ChannelError(RuntimeError):
@@ -55,9 +61,9 @@ class _Hub:
         """A new run: what an earlier one left (it ended without flushing) counts as handled."""
         self._items, self._done, self._notes, self._error = [], self._put, [], None
 
-    def put(self, item: dict[str, Any]) -> None:
-        self._items.append(item)
-        self._put += 1
+    def put(self, items: list[dict[str, Any]]) -> None:
+        self._items += items
+        self._put += len(items)
 
     def take(self) -> list[dict[str, Any]]:
         items, self._items = self._items, []
@@ -80,23 +86,42 @@ class _Hub:
 
 
 class Sender:
-    """Rank 0's end of the channel (pickled into the workers' config)."""
+    """Rank 0's end of the channel (pickled into the workers' config; what it holds is not)."""
 
     def __init__(self, hub: Any) -> None:
         self.hub = hub
+        self._held: list[dict[str, Any]] = []
+        self._pushed_at = -float("inf")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"hub": self.hub}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["hub"])
 
     def send(self, item: dict[str, Any]) -> None:
-        """Put `item` on the channel without waiting."""
-        self.hub.put.remote(item)
+        """Put `item` on the channel without waiting; within `SEND_EVERY_S` of the previous put it is
+        held until the next `send`, `push` or `flush` (the module docstring)."""
+        self._held.append(item)
+        if time.monotonic() - self._pushed_at >= SEND_EVERY_S:
+            self.push()
+
+    def push(self) -> None:
+        """Put what `send` holds on the channel now, without waiting (an evaluation, a crash)."""
+        if self._held:
+            self.hub.put.remote(self._held)
+            self._held, self._pushed_at = [], time.monotonic()
 
     def deliver(self, item: dict[str, Any]) -> None:
         """Put `item` on the channel and wait until the hub holds it (not until the driver handled it):
         for a sender that may die right after, whose pending calls would die with it."""
-        ray.get(self.hub.put.remote(item))
+        self.push()
+        ray.get(self.hub.put.remote([item]))
 
     def flush(self) -> list[str]:
         """Wait until the driver handled everything sent before; its notes. ChannelError when handling
         failed (once per failure); Ray's actor error when the driver is gone."""
+        self.push()
         target, done, notes, error = ray.get(self.hub.collect.remote(None))
         while not done:
             time.sleep(_FLUSH_POLL_S)

@@ -81,6 +81,8 @@ class Reporter:
         self._send_metrics(metrics, step)
         if final and self.sender:
             self.sender.send({"run": self.run_id, "dict": dict(metrics), "file": "eval/final.json"})
+        if self.sender:  # the metric shows now, not with the next logging step
+            self.sender.push()
         shown = {k.removeprefix("eval/"): v for k, v in metrics.items() if k.endswith(("top1", "i2t_r1"))}
         self.say("eval " + " | ".join(f"{k} {v:.3f}" for k, v in sorted(shown.items())))
 
@@ -88,6 +90,12 @@ class Reporter:
         """Everything sent is handled by the driver, MLflow included (rank 0; before the worker
         returns)."""
         self._flush()
+
+    def abandon(self) -> None:
+        """On a crash: what rank 0 still holds goes to the driver, without waiting (the steps since the
+        last checkpoint are in MLflow when Ray restarts the group from it, or when the run fails)."""
+        if self.sender:
+            self.sender.push()
 
     def report(self, run: RunState, metrics: dict[str, Any], evaluated: dict[str, float] | None,
                save: Callable[[str], None] | None = None) -> None:

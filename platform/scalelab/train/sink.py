@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from scalelab.tracking import RunHandle
+from scalelab.tracking import RunHandle, metric_entries
 
 __all__ = ["RunSink"]
 
@@ -32,6 +32,9 @@ class RunSink:
 
     def __call__(self, items: list[dict[str, Any]]) -> tuple[list[str], str | None]:
         notes: list[str] = []
+        logged, loss = dict(self.logged), dict(self.loss)
+        entries: list[Any] = []  # the metrics of every step in `items`, stored in one write
+        shown: list[dict[str, Any]] = []
         for item in items:
             if item.get("run") != self.handle.run_id:
                 continue
@@ -42,18 +45,26 @@ class RunSink:
                 self.handle.log_dict(item["dict"], item["file"])
                 continue
             step, metrics = item["step"], item["metrics"]
-            notes += self._replayed(step, metrics)
-            for key in self.handle.log_metrics(metrics, step, logged=self.logged, timestamp=item["t"]):
-                self.logged[key] = step  # a worker group Ray restarts replays it again
-                if key == "train/loss":
-                    self.loss[step] = metrics[key]
-            if self.progress is not None:
-                self.progress({**metrics, "step": step})
+            notes += _replayed(loss.get(step), step, metrics)
+            new = metric_entries(metrics, step, logged=logged, timestamp=item["t"])
+            for entry in new:
+                logged[entry.key] = step  # a worker group Ray restarts replays it again
+            if "train/loss" in metrics and any(e.key == "train/loss" for e in new):
+                loss[step] = metrics["train/loss"]
+            entries += new
+            shown.append({**metrics, "step": step})
+        self.handle.log_entries(entries)
+        self.logged, self.loss = logged, loss
+        if self.progress is not None:
+            for metrics in shown:
+                self.progress(metrics)
         return notes, None
 
-    def _replayed(self, step: int, metrics: dict[str, float]) -> list[str]:
-        before, now = self.loss.get(step), metrics.get("train/loss")
-        if before is None or now is None or repr(float(before)) == repr(float(now)):
-            return []
-        return [f"warning: replayed step {step} gives loss {now!r}, the run logged {before!r} (kept): "
-                "this run is not reproducible here"]
+
+def _replayed(before: float | None, step: int, metrics: dict[str, float]) -> list[str]:
+    """A note when a replayed step's loss differs from the one logged before (`before`)."""
+    now = metrics.get("train/loss")
+    if before is None or now is None or repr(float(before)) == repr(float(now)):
+        return []
+    return [f"warning: replayed step {step} gives loss {now!r}, the run logged {before!r} (kept): "
+            "this run is not reproducible here"]
