@@ -48,7 +48,7 @@ _PASSTHROUGH_ENV = (*FAULT_ENV, TIMELINE_ENV, "HF_HUB_OFFLINE", "MLFLOW_DISABLE_
 _UNLOGGED_PARAMS = ("run.tracking_uri",)
 _POLL_ENV, _POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"
 _START_TIMEOUT_ENV, _START_TIMEOUT_S = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "1800"
-_LOCAL_ENV = "SCALELAB_LOCAL_RAY"  # set by ensure_ray for the local instance it starts
+LOCAL_RAY_ENV = "SCALELAB_LOCAL_RAY"  # set by ensure_ray for the local instance it starts
 
 
 @dataclass
@@ -284,7 +284,7 @@ def _fit(plan: WorkerPlan, callbacks: list[Any], sender: Any) -> Any:
     # Ray restores its own checkpoint bookkeeping from `<storage>/<name>` when it finds it, but a driver
     # killed between writing a checkpoint and recording it leaves a checkpoint Ray does not know: the
     # plan names the newest complete one on storage (Train V2 has no resume_from_checkpoint).
-    trainer = trainer_class(local=os.environ.get(_LOCAL_ENV) == "1")(
+    trainer = trainer_class(local=os.environ.get(LOCAL_RAY_ENV) == "1")(
         train_worker,
         train_loop_config={**plan.to_dict(), PROGRESS_KEY: sender},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
@@ -327,12 +327,12 @@ def ensure_ray(address: str | None = None) -> bool:
     # The processes Ray starts inherit this environment. A local instance is one machine that nothing
     # drains or preempts, so Ray Train's preemption watcher (one more actor process per run, which on
     # 2 cores costs seconds of start-up) has nothing to watch. Its Prometheus metrics have no reader
-    # (no dashboard): they cost a sweep trial ~0.5 s on 2 cores. `_LOCAL_ENV` tells launch, in whichever
+    # (no dashboard): they cost a sweep trial ~0.5 s on 2 cores. `LOCAL_RAY_ENV` tells launch, in whichever
     # process of this instance it runs (a sweep's trial actor), to leave out the per-fit placement-group
     # cleaner (train/trainer.py).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
-    os.environ[_LOCAL_ENV] = "1"
+    os.environ[LOCAL_RAY_ENV] = "1"
     ray.init(address="local", object_store_memory=1_000_000_000, include_dashboard=False)
     _OWNED.append("local")
     return True
@@ -349,5 +349,5 @@ def release_ray() -> None:
     import ray
 
     _OWNED.clear()
-    os.environ.pop(_LOCAL_ENV, None)
+    os.environ.pop(LOCAL_RAY_ENV, None)
     ray.shutdown()
