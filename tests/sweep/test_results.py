@@ -55,3 +55,41 @@ def test_sweep_state_on_s3_is_written_read_and_shown_by_status(tmp_path, capsys)
         assert main(["sweep", "grid", "--status", "--storage", root]) == 0
         shown = capsys.readouterr().out
         assert "sweep grid" in shown and "t0" in shown and "PENDING" in shown
+
+
+def test_a_finished_trials_curve_is_read_once_while_it_stays_finished(tmp_path):
+    """The refit after each trial keeps the finished trials' loss curves (`curves`): their histories are
+    not read again, until the run finishes again (a resumed trial: a new end time)."""
+    import mlflow
+
+    from scalelab.sweep.results import collect_results
+    from scalelab.tracking import get_or_create_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = get_or_create_experiment("scalelab", uri)
+    client = mlflow.MlflowClient(uri)
+    planned, ids = [], {}
+    for name in ("done", "running"):
+        run = client.create_run(experiment, tags={"sweep": "s", "trial": name})
+        ids[name] = run.info.run_id
+        client.log_param(run.info.run_id, "model.macs_per_sample", 3)
+        for step in (1, 2):
+            client.log_metric(run.info.run_id, "train/loss", 5.0 - step, step=step)
+        planned.append({"name": name, "data": 100, "model": "nano", "batch": 8})
+    client.set_terminated(ids["done"], "FINISHED", end_time=1_000)
+    state = SweepState("s", uri, experiment, "p", "m", None, None, planned)
+
+    curves: dict = {}
+    first = collect_results(state, curves)
+    assert first == collect_results(state)
+    assert [r.curve for r in first] == [[(8, 4.0), (16, 3.0)]] * 2
+    assert list(curves) == [(ids["done"], 1_000)]  # the running trial's curve is read every time
+
+    for name in ("done", "running"):  # one more step each, the finished run's end time unchanged
+        client.log_metric(ids[name], "train/loss", 2.0, step=3)
+    cached = collect_results(state, curves)
+    assert cached[0].curve == [(8, 4.0), (16, 3.0)]  # kept, not read again
+    assert cached[1].curve == [(8, 4.0), (16, 3.0), (24, 2.0)]
+
+    client.set_terminated(ids["done"], "FINISHED", end_time=2_000)  # resumed and finished again
+    assert collect_results(state, curves)[0].curve == [(8, 4.0), (16, 3.0), (24, 2.0)]

@@ -83,9 +83,11 @@ class Refit(Callback):
     in a background thread of the driver. Tune calls its callbacks inside its scheduling loop, so a refit
     there held the next trial's start for as long as it took (0.8 s after the first trial of a 4-trial
     sweep, 3.8 s after the fourth: it reads every trial's history and redraws every plot). Completions
-    during a refit coalesce into one more refit. `close()` waits for a running refit and drops a pending
-    one: the sweep's final analysis comes next. Holds only a key into `_REFITS` (picklable, as Tune
-    requires; a restored copy without its thread in this process starts one on demand)."""
+    during a refit coalesce into one more refit; a finished trial's loss curve is read from MLflow once
+    (`collect_results`' cache: 0.22 → 0.03 s per refit at the demo's 27 trials). `close()` waits for a
+    running refit and drops a pending one: the sweep's final analysis comes next. Holds only a key into
+    `_REFITS` (picklable, as Tune requires; a restored copy without its thread in this process starts one
+    on demand)."""
 
     def __init__(self, state: SweepState) -> None:
         self.state = state
@@ -96,7 +98,7 @@ class Refit(Callback):
         if len(trials) >= len(self.state.trials) and all(t.is_finished() for t in trials if t is not trial):
             return  # the last trial: the sweep's final analysis follows at once
         if self.key not in _REFITS:
-            work = functools.partial(_refit, self.state)
+            work = functools.partial(_refit, self.state, {})  # {}: finished trials' curves, kept
             # niced: on a machine the trials fill, their start-up (process starts, imports) goes first
             _REFITS[self.key] = Coalescing(work, name=f"refit-{self.state.name}", nice=10)
         _REFITS[self.key].request()
@@ -106,14 +108,14 @@ class Refit(Callback):
             work.close()
 
 
-def _refit(state: SweepState) -> None:
+def _refit(state: SweepState, curves: dict) -> None:
     from scalelab.sweep.analysis import analyse, log_analysis
     from scalelab.sweep.results import collect_results
     from scalelab.train.timeline import mark
 
     mark("refit_started")
     try:
-        results = collect_results(state)
+        results = collect_results(state, curves)
         with tempfile.TemporaryDirectory(prefix="scalelab-analysis-") as scratch:
             log_analysis(state, results, analyse(state, results), Path(scratch))
     except Exception as err:  # an analysis problem must not stop the sweep; the final one reports it

@@ -22,6 +22,8 @@ from scalelab.train.compute import executed_macs
 __all__ = ["SweepState", "collect_results", "compute_accounts", "read_state", "state_path", "write_state"]
 
 STATE_NAME = "sweep.json"
+# finished runs' loss curves by (run id, end time), kept by a caller between `collect_results` calls
+Curves = dict[tuple[str, int], list[tuple[int, float]]]
 MLFLOW_TO_TUNE_STATE = {"FINISHED": "TERMINATED", "FAILED": "ERROR", "KILLED": "ERROR",
                         "RUNNING": "RUNNING", "SCHEDULED": "PENDING"}
 
@@ -62,17 +64,22 @@ def read_state(sweep_dir: Location) -> SweepState:
     return SweepState(**json.loads(storage.read_text(path)))
 
 
-def collect_results(state: SweepState) -> list[TrialResult]:
-    """One TrialResult per planned trial: finished, running, failed or not started (PENDING)."""
+def collect_results(state: SweepState, curves: Curves | None = None) -> list[TrialResult]:
+    """One TrialResult per planned trial: finished, running, failed or not started (PENDING).
+
+    `curves`: a cache the caller keeps between calls (the refit after each trial): the loss curve of a
+    finished run, keyed by run id and end time, is read from MLflow once — reading every trial's history
+    again made the refit's cost grow with the trials done. A run resumed and finished again has a new end
+    time, so its new curve is read."""
     import mlflow
 
     client = mlflow.MlflowClient(state.tracking_uri)
     runs = client.search_runs([state.experiment_id], f"tags.sweep = '{state.name}'", max_results=10_000)
     by_trial = {r.data.tags.get("trial"): r for r in runs}
-    return [_result(client, planned, by_trial.get(planned["name"])) for planned in state.trials]
+    return [_result(client, planned, by_trial.get(planned["name"]), curves) for planned in state.trials]
 
 
-def _result(client: Any, planned: dict[str, Any], run: Any) -> TrialResult:
+def _result(client: Any, planned: dict[str, Any], run: Any, curves: Curves | None) -> TrialResult:
     base = {"trial_id": planned["name"], "data": int(planned["data"]), "model": planned["model"],
             "batch": int(planned["batch"]), "extra": dict(planned.get("extra") or {})}
     if run is None:
@@ -83,14 +90,25 @@ def _result(client: Any, planned: dict[str, Any], run: Any) -> TrialResult:
     metrics = dict(run.data.metrics)
     seen = int(metrics.get("train/samples_seen", 0))
     end = run.info.end_time or run.info.start_time
-    curve = [(int(m.step) * base["batch"], float(m.value))
-             for m in client.get_metric_history(run.info.run_id, "train/loss")]
     return TrialResult(
         **base, params=int(params.get("model.params", 0)), macs_per_sample=macs, samples_seen=seen,
         compute=float(executed_macs(macs, seen)), wall_s=max(0.0, (end - run.info.start_time) / 1000.0),
         metrics=metrics, state=MLFLOW_TO_TUNE_STATE.get(run.info.status, run.info.status),
-        curve=sorted(set(curve)),
+        curve=_curve(client, run, base["batch"], curves),
     )
+
+
+def _curve(client: Any, run: Any, batch: int, curves: Curves | None) -> list[tuple[int, float]]:
+    """(samples seen, train loss) of every logged step, sorted; from `curves` for a finished run."""
+    key = (run.info.run_id, run.info.end_time or 0)
+    done = curves is not None and run.info.status == "FINISHED"
+    if done and key in curves:
+        return list(curves[key])
+    curve = sorted({(int(m.step) * batch, float(m.value))
+                    for m in client.get_metric_history(run.info.run_id, "train/loss")})
+    if done:
+        curves[key] = curve
+    return curve
 
 
 def compute_accounts(state: SweepState, results: list[TrialResult]) -> list[tuple[float, float | None]]:
