@@ -75,7 +75,7 @@ def train_worker(plan_dict: dict[str, Any]) -> None:
             write_failure(plan.run_dir, Failure(stop.reason, stop.kind, run.step))
         reporter.say(f"stopped at step {run.step}: {stop.reason}")
     except BaseException:
-        reporter.abandon()
+        reporter.push()
         raise
     mark("train_done", rank=me.rank)
     reporter.close()  # not on a crash: Ray restarts the group from the last checkpoint, flushed by then
@@ -122,6 +122,8 @@ def _train(me: _Worker, task: Any, run: RunState, mine: RankState, reporter: Rep
         if stop is not None:  # the skip flags are agreed, so every rank stops at this step
             raise RunStopped(str(stop), kind="non_finite")
         run.nonfinite = guard.state_dict()
+        if evaluator.due(run.step):
+            reporter.push()
         evaluated = evaluator.maybe_run(run.step, task)
         reporter.log_eval(evaluated, run.step, last)
         if last:

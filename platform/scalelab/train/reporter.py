@@ -91,9 +91,10 @@ class Reporter:
         returns)."""
         self._flush()
 
-    def abandon(self) -> None:
-        """On a crash: what rank 0 still holds goes to the driver, without waiting (the steps since the
-        last checkpoint are in MLflow when Ray restarts the group from it, or when the run fails)."""
+    def push(self) -> None:
+        """What rank 0 holds (`Sender.send`) goes to the driver now, without waiting: before an
+        evaluation, which may take a while (the live view shows the step it runs at), and on a crash
+        (the steps since the last checkpoint reach MLflow, whether Ray restarts the group or not)."""
         if self.sender:
             self.sender.push()
 
