@@ -232,12 +232,17 @@ def two_node_ray(request, _ray_owner):
 @pytest.fixture(scope="session")
 def smoke_run(smoke_config, tmp_path_factory, _ray_owner):
     """experiments/smoke.yaml trained once for the session (30 steps, 2 workers, ZeRO-2, every eval):
-    the smoke test, the export tests and the eval tests read the same run."""
+    the smoke test, the export tests and the eval tests read the same run. (config, TrainResult, what
+    the driver heard from rank 0 and when: [(time.monotonic(), item)])."""
+    import time
+
     from scalelab.train.launch import launch
 
     _ensure_ray()
     cfg = smoke_config(tmp_path_factory.mktemp("smoke_runs"))
-    return cfg, launch(cfg, verbose=False)
+    heard: list[tuple[float, dict[str, Any]]] = []
+    result = launch(cfg, verbose=False, progress=lambda item: heard.append((time.monotonic(), dict(item))))
+    return cfg, result, heard
 
 
 @pytest.fixture(scope="session")

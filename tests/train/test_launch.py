@@ -61,10 +61,23 @@ def _fp32_params(checkpoint: Path) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint / "deepspeed"), tag="state")
 
 
+def test_the_driver_hears_the_step_an_evaluation_runs_at_before_the_evaluation_ends(smoke_run):
+    """Rank 0 holds logging steps sent close together (train/progress.py) but pushes them before an
+    evaluation: the live view shows the step while the evaluation runs, not only with its results."""
+    _, _, heard = smoke_run
+
+    def when(step: int, key: str) -> float:
+        return next(t for t, item in heard if item["step"] == step and key in item)
+
+    for step in (15, 30):  # the evaluations (every 15 steps and at the end)
+        gap = when(step, "eval/zeroshot/test/top1") - when(step, "train/loss")
+        assert gap > 0.05, (step, gap, [(round(t - heard[0][0], 3), i["step"], len(i)) for t, i in heard])
+
+
 def test_smoke_run_learns_evaluates_and_logs_one_mlflow_run(smoke_run, local_ray):
     from scalelab.train.launch import launch
 
-    cfg, result = smoke_run  # the session's smoke run (conftest), also exported by test_export
+    cfg, result, _ = smoke_run  # the session's smoke run (conftest), also exported by test_export
     assert (result.step, result.samples_seen) == (30, 30 * 64)
 
     client, runs = _runs(result.tracking_uri, "smoke")
